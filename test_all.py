@@ -90,3 +90,30 @@ def test_golden(case):
         pytest.skip("kind not implemented")
     torch.manual_seed(0)
     runner(spec, tensors)
+
+
+# ==================================================================================================
+# The DiT (model.py, load_weights.py)
+# ==================================================================================================
+
+import load_weights  # noqa: E402
+from model import DIT_PRESETS, DiT, DiTConfig, count_params, dense_attn_mask  # noqa: E402
+
+
+def dit_config_from_case(spec) -> DiTConfig:
+    call = spec.get("call", {})
+    return DiTConfig(**spec["config"], coords_style=call.get("coords_style", "v2"),
+                     frame_receptive_field=call.get("frame_receptive_field", 11))
+
+
+@golden_kind("dit")
+def run_dit_case(spec, t):
+    cfg = dit_config_from_case(spec)
+    sd = golden_weights(t)
+    inputs = (t["in.video"], t["in.audio"], t["in.text"], t["in.text_len"])
+    for block_dtype, prefix in ((torch.float32, "out32."), (torch.bfloat16, "out.")):
+        dit = load_weights.dit_from_state_dict(sd, cfg, spec.get("case", "golden"), block_dtype=block_dtype)
+        with torch.no_grad():
+            video, audio = dit(*inputs)
+        tol = {k: v for k, v in spec["tol"].items() if k.startswith(prefix)}
+        check_tols({prefix + "video": video, prefix + "audio": audio}, t, tol, f"dit {prefix}")
