@@ -529,7 +529,8 @@ class DiT(nn.Module):
         tpf = (h // PATCH) * (w // PATCH)
         longest = max(text_len)
         padded = any(n != longest for n in text_len)
-        return SeqLayout(T * tpf, num_audio, longest, tpf, list(text_len) if padded else None)
+        kv_len = [T * tpf + num_audio + n for n in text_len] if padded else None
+        return SeqLayout(T * tpf, num_audio, longest, tpf, kv_len)
 
     def rope(self, video_shape, layout: SeqLayout, text_len: list[int], device) -> torch.Tensor:
         """RoPE table [B, L, 6·nb]; rows past a sample's text length are filled with zeros."""
