@@ -251,6 +251,8 @@ class SeqLayout:
     num_text: int  # the longest text in the batch
     tokens_per_frame: int
     kv_len: list[int] | None = None
+    # Sequence parallelism: this rank holds rows [start, end) of the (padded) sequence.
+    shard: tuple[int, int] | None = None
 
     @property
     def length(self) -> int:
@@ -258,7 +260,13 @@ class SeqLayout:
 
     @property
     def sizes(self) -> list[int]:
-        return [self.num_video, self.num_audio, self.num_text]
+        """Rows of each modality (video, audio, text) in the rows this rank holds, in order: how the
+        expert ops split dim 1. Sequence-parallel padding rows at the end count as text."""
+        if self.shard is None:
+            return [self.num_video, self.num_audio, self.num_text]
+        start, end = self.shard
+        cuts = [0, self.num_video, self.num_video + self.num_audio, max(end, self.length)]
+        return [max(0, min(end, hi) - max(start, lo)) for lo, hi in zip(cuts[:-1], cuts[1:])]
 
     def frame_ids(self, device=None) -> torch.Tensor:
         """Latent frame of every token; -1 for audio/text (they see and are seen by everything)."""
@@ -355,7 +363,7 @@ class Attention(nn.Module):
         self.q_norm = ExpertRMSNorm(d, num_experts)  # per head, one weight shared by all heads
         self.k_norm = ExpertRMSNorm(d, num_experts)
 
-    def forward(self, x, rope, layout: SeqLayout, receptive_field: int | None, attn_fn=None):
+    def forward(self, x, rope, layout: SeqLayout, receptive_field: int | None, attn_fn=attention):
         B, L, _ = x.shape
         cdt = self.linear_qkv.weight.dtype  # bf16 on the official path, float32 on the exact path
         sizes = layout.sizes
@@ -366,7 +374,6 @@ class Attention(nn.Module):
         v = v.view(B, L, self.G, self.d)  # v is not normalised
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # float32, q and k only
         q, k, v = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # B L H d -> B H L d
-        attn_fn = attn_fn or attention
         out = attn_fn(q, k, v, layout, receptive_field if self.local else None)
         out = out.transpose(1, 2)  # B H L d -> B L H d
         if self.gate_size:
@@ -408,7 +415,7 @@ class TransformerLayer(nn.Module):
             self.attn_post_norm = ExpertRMSNorm(cfg.hidden_size, n)
             self.mlp_post_norm = ExpertRMSNorm(cfg.hidden_size, n)
 
-    def forward(self, x, rope, layout: SeqLayout, receptive_field: int, attn_fn=None):
+    def forward(self, x, rope, layout: SeqLayout, receptive_field: int, attn_fn=attention):
         a = self.attention(x, rope, layout, receptive_field, attn_fn)
         if self.post_norm:
             a = self.attn_post_norm(a, layout.sizes)
@@ -517,8 +524,8 @@ class DiT(nn.Module):
         self.final_norm_audio = ExpertRMSNorm(cfg.hidden_size)
         self.final_linear_video = nn.Linear(cfg.hidden_size, cfg.video_in_channels, bias=False)
         self.final_linear_audio = nn.Linear(cfg.hidden_size, cfg.audio_in_channels, bias=False)
-        # Hook for sequence parallelism / alternative kernels: attn_fn(q, k, v, layout, R) -> out.
-        self.attn_fn = None
+        # Set by `SequenceParallel.apply(dit)` to split the sequence across ranks (multi-GPU).
+        self.sp: SequenceParallel | None = None
 
     # ---- packing -------------------------------------------------------------------------------
 
@@ -571,9 +578,15 @@ class DiT(nn.Module):
         layout = self.layout(video.shape, audio.shape[1], text_len)
         rope = self.rope(video.shape, layout, text_len, video.device)  # [B, L, 6·nb]
         x = self.embed(video.float(), audio.float(), text.float(), text_len, layout)  # [B, L, D] fp32
+        attn_fn = attention
+        if self.sp is not None:  # keep only this rank's rows; attention all-to-alls to head shards
+            x, rope, layout = self.sp.shard(x, rope, layout)
+            attn_fn = self.sp.attention
         R = self.cfg.frame_receptive_field
         for layer in self.block.layers:
-            x = layer(x, rope, layout, R, self.attn_fn)
+            x = layer(x, rope, layout, R, attn_fn)
+        if self.sp is not None:
+            x = self.sp.gather(x, layout)  # every rank gets the whole sequence back for the heads
         return self.head(x, layout, T, h, w)
 
     def head(self, x: torch.Tensor, layout: SeqLayout, T: int, h: int, w: int):
@@ -591,6 +604,110 @@ class DiT(nn.Module):
             raise ValueError(f"audio must be [B, N, {cfg.audio_in_channels}], got {tuple(audio.shape)}")
         if text.dim() != 3 or text.shape[-1] != cfg.text_in_channels or text.shape[0] != video.shape[0]:
             raise ValueError(f"text must be [B, L, {cfg.text_in_channels}], got {tuple(text.shape)}")
+
+
+# ==================================================================================================
+# Sequence parallelism (Ulysses): shard the tokens, all-to-all to head shards around attention
+# ==================================================================================================
+
+
+class SequenceParallel:
+    """Split the packed sequence across the ranks of a process group (spec dit §7).
+
+    Every rank holds L/P rows of the residual stream (the sequence padded to a multiple of P). All
+    token-wise work (norms, projections, MLPs, experts) runs on those rows. Attention needs every
+    key, so around it q/k/v go through an all-to-all from "my rows, all heads" to "all rows, my
+    heads", each rank attends over the whole sequence for H/P heads, and a second all-to-all
+    brings the output back. The heads at the end run on the re-gathered sequence on every rank,
+    so all ranks return the same velocities and can draw the same noise.
+
+    Heads: query heads are split in contiguous blocks. When P divides the kv heads G, kv heads
+    split the same way (GQA keeps its grouping). Otherwise kv heads are replicated to one per query
+    head first (the released 40/8 model on 5 GPUs). When P does not even divide H (e.g. 3 GPUs),
+    `pad_heads=True` (the fallback) adds zero query heads up to a multiple of P; their outputs are
+    dropped. With `pad_heads=False` such a world size is refused.
+    """
+
+    def __init__(self, group=None, pad_heads: bool = True):
+        import torch.distributed as dist
+
+        self.dist, self.group = dist, group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.pad_heads = pad_heads
+
+    def apply(self, dit: "DiT") -> "DiT":
+        H, G, P = dit.cfg.num_heads_q, dit.cfg.num_heads_kv, self.world
+        if H % P and not self.pad_heads:
+            raise ValueError(f"{P} ranks cannot split {H} query heads ({G} kv heads); use a world size "
+                             f"dividing {H} or allow the head-padding fallback (pad_heads=True)")
+        self.check_same_weights(dit)
+        dit.sp = self
+        return dit
+
+    def check_same_weights(self, module: nn.Module) -> None:
+        """Fail early if ranks loaded different weights (a silent source of garbage otherwise)."""
+        with torch.no_grad():
+            sums = [p.detach().double().sum() for p in module.state_dict().values()]
+            local = torch.stack([torch.stack(sums).sum(), torch.stack([s.abs() for s in sums]).sum()])
+        gathered = [torch.empty_like(local) for _ in range(self.world)]
+        self.dist.all_gather(gathered, local, group=self.group)
+        for r, other in enumerate(gathered):
+            if not torch.equal(other, gathered[0]):
+                raise ValueError(f"rank {r} holds different DiT weights than rank 0 (checksum mismatch)")
+
+    # ---- sequence sharding ------------------------------------------------------------------
+
+    def shard(self, x, rope, layout: SeqLayout):
+        """Pad [B, L, ...] to a multiple of P rows and keep this rank's block of rows."""
+        L, P = layout.length, self.world
+        per = -(-L // P)
+        start, end = self.rank * per, (self.rank + 1) * per
+        x = F.pad(x, (0, 0, 0, per * P - L))[:, start:end]
+        rope = F.pad(rope, (0, 0, 0, per * P - L))[:, start:end]
+        return x, rope, replace(layout, shard=(start, end))
+
+    def gather(self, x, layout: SeqLayout):
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        self.dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=1)[:, : layout.length]
+
+    # ---- attention over head shards -----------------------------------------------------------
+
+    def _to_heads(self, t):
+        """[B, h·P, Lp, d] (my rows, all heads) -> [B, h, Lp·P, d] (all rows, my heads)."""
+        B, HP, Lp, d = t.shape
+        P = self.world
+        t = t.reshape(B, P, HP // P, Lp, d).transpose(0, 1).contiguous()  # [P(dest), B, h, Lp, d]
+        out = torch.empty_like(t)
+        self.dist.all_to_all_single(out, t, group=self.group)  # out[src] = src's rows of my heads
+        return out.permute(1, 2, 0, 3, 4).reshape(B, HP // P, P * Lp, d)
+
+    def _to_rows(self, t):
+        """The inverse: [B, h, Lp·P, d] -> [B, h·P, Lp, d]."""
+        B, h, L, d = t.shape
+        P = self.world
+        t = t.reshape(B, h, P, L // P, d).permute(2, 0, 1, 3, 4).contiguous()  # [P(dest), B, h, Lp, d]
+        out = torch.empty_like(t)
+        self.dist.all_to_all_single(out, t, group=self.group)  # out[src] = my rows of src's heads
+        return out.transpose(0, 1).reshape(B, P * h, L // P, d)
+
+    def attention(self, q, k, v, layout: SeqLayout, receptive_field: int | None):
+        """Drop-in for `attention` on this rank's rows: q [B, H, Lp, d], k/v [B, G, Lp, d]."""
+        H, G, P = q.shape[1], k.shape[1], self.world
+        if G % P:  # kv heads cannot be split: one kv head per query head instead (same attention)
+            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+        pad = -H % P
+        if pad:  # fallback: zero query heads (and their kv) up to a multiple of P, dropped after
+            q = F.pad(q, (0, 0, 0, 0, 0, pad))
+            if k.shape[1] == H:
+                k, v = F.pad(k, (0, 0, 0, 0, 0, pad)), F.pad(v, (0, 0, 0, 0, 0, pad))
+        q, k, v = self._to_heads(q), self._to_heads(k), self._to_heads(v)
+        L = layout.length  # the padding rows at the end are cut off, so no mask is needed for them
+        full = replace(layout, shard=None)
+        out = attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], full, receptive_field)
+        out = F.pad(out, (0, 0, 0, q.shape[2] - L))
+        return self._to_rows(out)[:, :H]
 
 
 def count_params(module: nn.Module) -> int:

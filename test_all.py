@@ -369,3 +369,69 @@ def test_load_dit_missing_shard(tmp_path):
     (folder / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(load_weights.CheckpointError, match="shard model-00002-of-00003.safetensors"):
         load_weights.load_dit(folder, cfg)
+
+
+# ==================================================================================================
+# Sequence parallelism (model.SequenceParallel) on CPU processes with gloo
+# ==================================================================================================
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sp_worker(rank, world, port, out_dir):
+    """One rank: both golden DiT cases under sequence parallelism, then the two refused setups."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from model import SequenceParallel
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for case in ("dit_tiny_t2v", "dit_tiny_sr_local"):
+            spec, t = load_case(GOLDEN_DIR / f"{case}.json")
+            cfg, sd = dit_config_from_case(spec), golden_weights(t)
+            dit = SequenceParallel().apply(load_weights.dit_from_state_dict(sd, cfg, case, block_dtype=torch.float32))
+            with torch.no_grad():
+                video, audio = dit(t["in.video"], t["in.audio"], t["in.text"], t["in.text_len"])
+            save_file({"video": video.contiguous(), "audio": audio.contiguous()}, str(out_dir / f"{case}_rank{rank}.safetensors"))
+        errors = []
+        if cfg.num_heads_q % world:  # without the head-padding fallback this world size is refused
+            try:
+                SequenceParallel(pad_heads=False).apply(dit)
+            except ValueError as e:
+                errors.append(str(e))
+        if rank == 1:  # a rank with different weights is caught by the checksum at start
+            sd = {**sd, "final_norm_audio.weight": sd["final_norm_audio.weight"] + 1}
+        try:
+            SequenceParallel().apply(load_weights.dit_from_state_dict(sd, cfg, case, block_dtype=torch.float32))
+        except ValueError as e:
+            errors.append(str(e))
+        (out_dir / f"errors{rank}.json").write_text(json.dumps(errors))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel(tmp_path, world):
+    """2 and 3 ranks on the golden configs, full and local attention: every rank returns the
+    single-process output (3 does not divide the 4 query heads: the head-padding fallback).
+    Without the fallback 3 ranks are refused; ranks with different weights are refused."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+    mp.spawn(_sp_worker, args=(world, _free_port(), tmp_path), nprocs=world)
+    for case in ("dit_tiny_t2v", "dit_tiny_sr_local"):
+        spec, t = load_case(GOLDEN_DIR / f"{case}.json")
+        dit = load_weights.dit_from_state_dict(golden_weights(t), dit_config_from_case(spec), case, block_dtype=torch.float32)
+        with torch.no_grad():
+            ref_v, ref_a = dit(t["in.video"], t["in.audio"], t["in.text"], t["in.text_len"])
+        for r in range(world):
+            out = load_file(str(tmp_path / f"{case}_rank{r}.safetensors"))
+            assert rel_l2(out["video"], ref_v) < 1e-5 and rel_l2(out["audio"], ref_a) < 1e-5
+    errors = json.loads((tmp_path / "errors0.json").read_text())
+    if world == 3:
+        assert "cannot split 4 query heads" in errors.pop(0)
+    assert len(errors) == 1 and "rank 1 holds different DiT weights" in errors[0]
