@@ -138,12 +138,11 @@ def _text_encoder_names(names, source: str) -> dict[str, str]:
     for name in names:
         prefix = next((p for p in TEXT_ENCODER_PREFIXES if name.startswith(p)), None)
         if prefix is not None:
-            short = name[len(prefix):]
-            if short in out.values():
-                raise CheckpointError(f"{source}: key {short} appears under both prefixes {TEXT_ENCODER_PREFIXES}")
-            out[name] = short
+            out[name] = name[len(prefix):]
         elif not name.startswith(TEXT_SKIPPED_PREFIXES):
-            unknown.append(name)
+            unknown.append(name)  # neither half: a different model, or a key we do not know about
+    if len(set(out.values())) != len(out):  # the same tensor under both prefixes: which one is right?
+        raise CheckpointError(f"{source}: encoder keys present under both prefixes {TEXT_ENCODER_PREFIXES}")
     if unknown:
         raise CheckpointError(f"{source}: unexpected key(s) outside encoder/decoder: {_short_list(unknown)}")
     if not out:
@@ -154,11 +153,13 @@ def _text_encoder_names(names, source: str) -> dict[str, str]:
 def _meta_text_encoder(config, dtype):
     from text_encoder import T5GemmaEncoder
 
+    # Meta device: 9.2B parameters get no storage and no random init before the real tensors arrive.
     with torch.device("meta"):
         return T5GemmaEncoder(config).to(dtype)
 
 
 def _check_shapes(sd: dict, expected: dict, source: str) -> None:
+    # Only shapes: missing/extra keys are load_state_dict_strict's job, once everything is read.
     for k, v in sd.items():
         if k in expected and tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{source}: key {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
@@ -201,11 +202,11 @@ def load_text_encoder_config(weights_dir):
     from text_encoder import T5GemmaEncoderConfig
 
     path = Path(weights_dir) / "config.json"
+    raw = _read_json(path)
     try:
-        return T5GemmaEncoderConfig.from_dict(_read_json(path))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
+        # The release's config.json is the whole encoder-decoder config; from_dict takes its "encoder".
+        return T5GemmaEncoderConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:  # unknown types or inconsistent values, e.g. layer_types
         raise CheckpointError(f"{path}: bad text-encoder config ({_first_line(e)})") from None
 
 
@@ -243,6 +244,7 @@ def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu"):
         source = str(single)
     names = _text_encoder_names(weight_map.keys(), source)
     expected = _meta_text_encoder(config, dtype).state_dict(keep_vars=True)
+    # Group the encoder keys by shard: a shard holding only decoder tensors is never opened.
     by_shard: dict[str, list[str]] = {}
     for name in names:
         by_shard.setdefault(weight_map[name], []).append(name)
@@ -252,6 +254,7 @@ def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu"):
         part = {names[k]: v for k, v in read_safetensors(shard_path, keys).items()}
         # Name the shard holding a mis-shaped key (load_state_dict_strict only knows the index).
         _check_shapes(part, expected, f"{shard_path} (keys after '{TEXT_ENCODER_PREFIXES[0]}')")
+        # Cast and move now, so the host never holds more than this shard (the release is bf16 already).
         sd.update({k: v.to(device=device, dtype=dtype) for k, v in part.items()})
         del part
     return _finish_text_encoder(config, sd, dtype, device, source)
@@ -300,6 +303,7 @@ def cached_text_features(weights_dir, text: str, compute, variant: str = "", cac
 
     from safetensors.torch import load_file, save_file
 
+    # The text goes into the key verbatim (hashed), so a one-character edit is a different entry.
     key_src = json.dumps({"weights": text_weights_identity(weights_dir), "variant": variant, "text": text})
     key = hashlib.sha256(key_src.encode("utf-8")).hexdigest()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -311,9 +315,14 @@ def cached_text_features(weights_dir, text: str, compute, variant: str = "", cac
         except Exception:
             pass  # a truncated or foreign file: recompute and overwrite it
     features, n = compute()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     features = features.detach().float().cpu().contiguous()  # hits and misses both return CPU tensors
-    save_file({"features": features}, str(tmp), metadata={"n": str(n)})
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        save_file({"features": features}, str(tmp), metadata={"n": str(n)})
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    except OSError as e:  # a read-only or full disk only costs the next run an encode
+        import warnings
+
+        warnings.warn(f"text-feature cache not written to {cache_dir} ({_first_line(e)})", stacklevel=2)
     return features, n
