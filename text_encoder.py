@@ -83,7 +83,7 @@ class T5GemmaEncoderConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even (half-split RoPE)")
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        if self.hidden_activation != "gelu_pytorch_tanh":  # torch's gelu(approximate="tanh"), all we implement
             raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
 
     @classmethod
@@ -237,7 +237,11 @@ class T5GemmaEncoderLayer(nn.Module):
 
 
 class T5GemmaEncoder(nn.Module):
-    """The encoder half of T5-Gemma; attribute names are the release's keys after `model.encoder.`."""
+    """The encoder half of T5-Gemma; attribute names are the release's keys after `model.encoder.`.
+
+    Runs in the dtype of its weights (bf16 as released, float32 for exact checks; on a GPU a float32
+    run also needs TF32 matmuls off, PyTorch's default).
+    """
 
     def __init__(self, cfg: T5GemmaEncoderConfig):
         super().__init__()
