@@ -132,6 +132,8 @@ DIT_SINGLE = "model.safetensors"
 def _safetensors_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return list(f.keys())
@@ -234,3 +236,200 @@ def load_dit(folder: str | os.PathLike, cfg, block_dtype=torch.bfloat16, device=
     files, source = dit_checkpoint_files(folder)
     sd = read_checkpoint(files, model.state_dict(), source, device)
     return load_state_dict_strict(model, sd, source).eval()
+
+
+# ==================================================================================================
+# Text encoder (T5-Gemma 9B UL2, encoder half only) and its on-disk embedding cache
+# ==================================================================================================
+# The release (google/t5gemma-9b-9b-ul2) is a T5GemmaForConditionalGeneration saved as safetensors
+# shards + `model.safetensors.index.json`. Only the `model.encoder.*` tensors are read (about 18.5 GB
+# of the 37.9 GB): the decoder half is skipped by name and its shards are never opened unless they
+# also hold encoder tensors. The tokenizer is `tokenizer.json` plus the BOS/EOS flags of
+# `tokenizer_config.json` (spec audio_text §4).
+
+TEXT_ENCODER_PREFIXES = ("model.encoder.", "encoder.")  # the release uses the first; accept both
+TEXT_SKIPPED_PREFIXES = ("model.decoder.", "decoder.", "lm_head.")  # the other half of the checkpoint
+
+
+def _text_encoder_names(names, source: str) -> dict[str, str]:
+    """Map checkpoint names to our module names (prefix stripped); skip the decoder; refuse the rest."""
+    out, unknown = {}, []
+    for name in names:
+        prefix = next((p for p in TEXT_ENCODER_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            out[name] = name[len(prefix):]
+        elif not name.startswith(TEXT_SKIPPED_PREFIXES):
+            unknown.append(name)  # neither half: a different model, or a key we do not know about
+    if len(set(out.values())) != len(out):  # the same tensor under both prefixes: which one is right?
+        raise CheckpointError(f"{source}: encoder keys present under both prefixes {TEXT_ENCODER_PREFIXES}")
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected key(s) outside encoder/decoder: {_short_list(unknown)}")
+    if not out:
+        raise CheckpointError(f"{source}: no text-encoder tensors (expected keys under {TEXT_ENCODER_PREFIXES[0]})")
+    return out
+
+
+def _meta_text_encoder(config, dtype):
+    from text_encoder import T5GemmaEncoder
+
+    # Meta device: 9.2B parameters get no storage and no random init before the real tensors arrive.
+    with torch.device("meta"):
+        return T5GemmaEncoder(config).to(dtype)
+
+
+def _check_shapes(sd: dict, expected: dict, source: str) -> None:
+    # Only shapes: missing/extra keys are load_state_dict_strict's job, once everything is read.
+    for k, v in sd.items():
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{source}: key {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+
+
+def text_encoder_from_state_dict(sd: dict, config, dtype=torch.float32, device="cpu", source="<state dict>"):
+    """Build the encoder from an in-memory state dict under the release's names (golden harness path).
+
+    `config` is a T5GemmaEncoderConfig or a config.json dict. Decoder keys are ignored, anything
+    else must match the module exactly.
+    """
+    from text_encoder import T5GemmaEncoderConfig
+
+    if isinstance(config, dict):
+        config = T5GemmaEncoderConfig.from_dict(config)
+    names = _text_encoder_names(sd.keys(), source)
+    return _finish_text_encoder(config, {short: sd[name] for name, short in names.items()}, dtype, device, source)
+
+
+def _finish_text_encoder(config, sd: dict, dtype, device, source: str):
+    """Shared tail of both loaders: strict assign-load into a meta-built encoder, eval mode."""
+    source = f"{source} (keys after '{TEXT_ENCODER_PREFIXES[0]}')"
+    module = _meta_text_encoder(config, dtype)
+    _check_shapes(sd, module.state_dict(keep_vars=True), source)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}  # no-op for tensors read per shard
+    return load_state_dict_strict(module, sd, source).eval()
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({_first_line(e)})") from None
+
+
+def load_text_encoder_config(weights_dir):
+    """The encoder sub-config of `<weights_dir>/config.json` as a T5GemmaEncoderConfig."""
+    from text_encoder import T5GemmaEncoderConfig
+
+    path = Path(weights_dir) / "config.json"
+    raw = _read_json(path)
+    try:
+        # The release's config.json is the whole encoder-decoder config; from_dict takes its "encoder".
+        return T5GemmaEncoderConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:  # unknown types or inconsistent values, e.g. layer_types
+        raise CheckpointError(f"{path}: bad text-encoder config ({_first_line(e)})") from None
+
+
+def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu"):
+    """The T5-Gemma encoder from a release folder (config.json + sharded safetensors), strictly.
+
+    bf16 by default (as the official pipeline runs it); float32 on request. Tensors are read shard by
+    shard, cast and moved to `device` at once, so host memory holds at most one shard's encoder part.
+    About 18.5 GB in bf16: on a 24 GB card, encode on CPU (`device="cpu"`) or offload after encoding
+    (`text_encoder.offload_text_encoder`), and use `cached_text_features` to skip it on later runs.
+    """
+    weights_dir = Path(weights_dir)
+    config = load_text_encoder_config(weights_dir)
+    index_path = weights_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: no 'weight_map' object")
+        source = str(index_path)
+    else:  # an unsharded save: one model.safetensors
+        single = weights_dir / "model.safetensors"
+        weight_map = {k: single.name for k in _safetensors_keys(single)}
+        source = str(single)
+    names = _text_encoder_names(weight_map.keys(), source)
+    expected = _meta_text_encoder(config, dtype).state_dict(keep_vars=True)
+    # Group the encoder keys by shard: a shard holding only decoder tensors is never opened.
+    by_shard: dict[str, list[str]] = {}
+    for name in names:
+        by_shard.setdefault(weight_map[name], []).append(name)
+    sd = {}
+    for shard, keys in sorted(by_shard.items()):
+        shard_path = weights_dir / shard
+        part = {names[k]: v for k, v in read_safetensors(shard_path, keys).items()}
+        # Name the shard holding a mis-shaped key (load_state_dict_strict only knows the index).
+        _check_shapes(part, expected, f"{shard_path} (keys after '{TEXT_ENCODER_PREFIXES[0]}')")
+        # Cast and move now, so the host never holds more than this shard (the release is bf16 already).
+        sd.update({k: v.to(device=device, dtype=dtype) for k, v in part.items()})
+        del part
+    return _finish_text_encoder(config, sd, dtype, device, source)
+
+
+def load_text_tokenizer(weights_dir):
+    """`<weights_dir>/tokenizer.json` with the BOS/EOS flags of tokenizer_config.json (defaults: BOS, no EOS)."""
+    from text_encoder import GemmaTokenizer
+
+    weights_dir = Path(weights_dir)
+    flags_path = weights_dir / "tokenizer_config.json"
+    flags = _read_json(flags_path) if flags_path.is_file() else {}
+    # GemmaTokenizerFast's defaults when the keys are absent: add_bos_token True, add_eos_token False.
+    add_bos, add_eos = flags.get("add_bos_token", True), flags.get("add_eos_token", False)
+    try:
+        return GemmaTokenizer(weights_dir / "tokenizer.json", add_bos=bool(add_bos), add_eos=bool(add_eos))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def text_weights_identity(weights_dir) -> list:
+    """Cheap identity of a text-encoder folder: (name, size, mtime_ns) of its weight/tokenizer/config files.
+
+    Hashing 18 GB of contents would take longer than encoding; a changed or replaced file changes
+    its size or mtime.
+    """
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise CheckpointError(f"{weights_dir}: text-encoder folder not found")
+    files = sorted(p for p in weights_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".model"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "davinci-magihuman" / "text"
+
+
+def cached_text_features(weights_dir, text: str, compute, variant: str = "", cache_dir=None):
+    """`compute()` -> (features (1, n, D) float32 on CPU, n), memoised on disk by weights identity + text.
+
+    `variant` must name whatever else the result depends on (dtype, device type, max length), e.g.
+    "bfloat16/cuda/640". The encoder is only needed when `compute` runs, so a caller that loads it
+    lazily inside `compute` skips the 18 GB load entirely on a cache hit (e.g. the negative prompt).
+    """
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    # The text goes into the key verbatim (hashed), so a one-character edit is a different entry.
+    key_src = json.dumps({"weights": text_weights_identity(weights_dir), "variant": variant, "text": text})
+    key = hashlib.sha256(key_src.encode("utf-8")).hexdigest()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache_dir / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            features = load_file(str(path))["features"]
+            return features, features.shape[1]
+        except Exception:
+            pass  # a truncated or foreign file: recompute and overwrite it
+    features, n = compute()
+    features = features.detach().float().cpu().contiguous()  # hits and misses both return CPU tensors
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        save_file({"features": features}, str(tmp), metadata={"n": str(n)})
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    except OSError as e:  # a read-only or full disk only costs the next run an encode
+        import warnings
+
+        warnings.warn(f"text-feature cache not written to {cache_dir} ({_first_line(e)})", stacklevel=2)
+    return features, n
