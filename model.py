@@ -292,54 +292,56 @@ def dense_attn_mask(layout: SeqLayout, receptive_field: int | None, device=None)
     return mask
 
 
-_BLOCK_MASKS: dict = {}
-
-
 def flex_block_mask(layout: SeqLayout, receptive_field: int | None, batch: int, device):
-    """The same predicate as `dense_attn_mask`, as a FlexAttention BlockMask, built once per shape."""
+    """The same predicate as `dense_attn_mask`, as a FlexAttention BlockMask (block-sparse: the
+    kernel skips the 128x128 tiles a 1080p local layer never looks at)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (layout.sizes, layout.tokens_per_frame, tuple(layout.kv_len or ()), receptive_field, batch, str(device))
-    key = repr(key)
-    if key not in _BLOCK_MASKS:
-        frame = layout.frame_ids(device)
-        kv_len = torch.tensor(layout.kv_len or [layout.length] * batch, device=device)
-        R = -1 if receptive_field is None else receptive_field
+    frame = layout.frame_ids(device)
+    kv_len = torch.tensor(layout.kv_len or [layout.length] * batch, device=device)
+    R = -1 if receptive_field is None else receptive_field
 
-        def mask_mod(b, h, q, k):
-            fq, fk = frame[q], frame[k]
-            local = (R < 0) | (fq < 0) | (fk < 0) | ((fq - fk).abs() <= R)
-            return local & (k < kv_len[b])
+    def mask_mod(b, h, q, k):
+        fq, fk = frame[q], frame[k]
+        local = (R < 0) | (fq < 0) | (fk < 0) | ((fq - fk).abs() <= R)
+        return local & (k < kv_len[b])
 
-        L = layout.length
-        _BLOCK_MASKS[key] = create_block_mask(mask_mod, batch, None, L, L, device=device)
-    return _BLOCK_MASKS[key]
+    L = layout.length
+    return create_block_mask(mask_mod, batch, None, L, L, device=device)
 
 
-_compiled_flex = None
+def attention_masks(layout: SeqLayout, receptive_field: int | None, batch: int, device, use_flex: bool):
+    """(mask of the full layers, mask of the local layers), built once per shape, outside the layers.
+    `receptive_field` None: the model has no local layers.
+
+    None means "every pair attends" and takes the plain SDPA path (flash attention on GPU). Masks
+    are FlexAttention BlockMasks when `use_flex` (GPU), dense boolean SDPA masks otherwise (CPU).
+    """
+    build = (lambda R: flex_block_mask(layout, R, batch, device)) if use_flex else (
+        lambda R: dense_attn_mask(layout, R, device))
+    full = None if layout.kv_len is None else build(None)
+    return full, None if receptive_field is None else build(receptive_field)
 
 
-def attention(q, k, v, layout: SeqLayout, receptive_field: int | None, use_flex: bool | None = None):
+_flex_kernel = None
+
+
+def attention(q, k, v, mask=None):
     """softmax(q kᵀ/√d) v with GQA (query head n uses kv head n // (H/G)), non-causal.
 
-    q [B, H, L, d], k/v [B, G, L, d] -> [B, H, L, d]. Full layers with no padding take the plain SDPA
-    path (flash on GPU). Masked layers use FlexAttention on GPU (block-sparse: the 1080p local layers
-    skip most of the work) and a dense boolean SDPA mask elsewhere; both compute the same thing.
+    q [B, H, L, d], k/v [B, G, L, d] -> [B, H, L, d]. `mask` is None, a boolean SDPA mask or a
+    FlexAttention BlockMask (see `attention_masks`); all three compute the same function.
     """
-    if receptive_field is None and layout.kv_len is None:
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    if use_flex is None:
-        use_flex = q.is_cuda
-    if use_flex:
-        global _compiled_flex
-        from torch.nn.attention.flex_attention import flex_attention
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    global _flex_kernel
+    from torch.nn.attention.flex_attention import flex_attention
 
-        if _compiled_flex is None:  # compiled once; eager flex materialises the full score matrix
-            _compiled_flex = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
-        block_mask = flex_block_mask(layout, receptive_field, q.shape[0], q.device)
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-    mask = dense_attn_mask(layout, receptive_field, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if _flex_kernel is None:  # compiled once on GPU; eager flex would materialise the score matrix
+        _flex_kernel = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    return _flex_kernel(q, k, v, block_mask=mask, enable_gqa=True)
 
 
 # ==================================================================================================
@@ -363,10 +365,9 @@ class Attention(nn.Module):
         self.q_norm = ExpertRMSNorm(d, num_experts)  # per head, one weight shared by all heads
         self.k_norm = ExpertRMSNorm(d, num_experts)
 
-    def forward(self, x, rope, layout: SeqLayout, receptive_field: int | None, attn_fn=attention):
+    def forward(self, x, rope, sizes: list[int], mask, attn_fn=attention):
         B, L, _ = x.shape
         cdt = self.linear_qkv.weight.dtype  # bf16 on the official path, float32 on the exact path
-        sizes = layout.sizes
         qkv = self.linear_qkv(self.pre_norm(x, sizes).to(cdt), sizes).float()  # [B, L, H·d + 2·G·d + H]
         q, k, v, g = qkv.split([self.H * self.d, self.G * self.d, self.G * self.d, self.gate_size], dim=-1)
         q = self.q_norm(q.view(B, L, self.H, self.d), sizes)  # [B, L, H, d]
@@ -374,7 +375,7 @@ class Attention(nn.Module):
         v = v.view(B, L, self.G, self.d)  # v is not normalised
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # float32, q and k only
         q, k, v = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # B L H d -> B H L d
-        out = attn_fn(q, k, v, layout, receptive_field if self.local else None)
+        out = attn_fn(q, k, v, mask)
         out = out.transpose(1, 2)  # B H L d -> B L H d
         if self.gate_size:
             out = out * torch.sigmoid(g).unsqueeze(-1)  # one gate per token and head; float32 product
@@ -395,8 +396,8 @@ class MLP(nn.Module):
         self.up_gate_proj = ExpertLinear(D, up, num_experts, dtype)
         self.down_proj = ExpertLinear(inner, D, num_experts, dtype)
 
-    def forward(self, x, layout: SeqLayout):
-        cdt, sizes = self.up_gate_proj.weight.dtype, layout.sizes
+    def forward(self, x, sizes: list[int]):
+        cdt = self.up_gate_proj.weight.dtype
         u = self.up_gate_proj(self.pre_norm(x, sizes).to(cdt), sizes)
         a = self.act(u).to(cdt)  # activation in float32, fed to the GEMM in its dtype
         return self.down_proj(a, sizes).float()  # the MLP branch is added as float32
@@ -415,14 +416,15 @@ class TransformerLayer(nn.Module):
             self.attn_post_norm = ExpertRMSNorm(cfg.hidden_size, n)
             self.mlp_post_norm = ExpertRMSNorm(cfg.hidden_size, n)
 
-    def forward(self, x, rope, layout: SeqLayout, receptive_field: int, attn_fn=attention):
-        a = self.attention(x, rope, layout, receptive_field, attn_fn)
+    def forward(self, x, rope, sizes: list[int], masks, attn_fn=attention):
+        """x [B, L, D] fp32; sizes: rows per modality; masks: (full-layer mask, local-layer mask)."""
+        a = self.attention(x, rope, sizes, masks[self.attention.local], attn_fn)
         if self.post_norm:
-            a = self.attn_post_norm(a, layout.sizes)
+            a = self.attn_post_norm(a, sizes)
         x = x + a  # fp32 + bf16 -> fp32
-        m = self.mlp(x, layout)
+        m = self.mlp(x, sizes)
         if self.post_norm:
-            m = self.mlp_post_norm(m, layout.sizes)
+            m = self.mlp_post_norm(m, sizes)
         return x + m
 
 
@@ -526,6 +528,9 @@ class DiT(nn.Module):
         self.final_linear_audio = nn.Linear(cfg.hidden_size, cfg.audio_in_channels, bias=False)
         # Set by `SequenceParallel.apply(dit)` to split the sequence across ranks (multi-GPU).
         self.sp: SequenceParallel | None = None
+        # Masks as FlexAttention block masks (True) or dense SDPA masks (False); None: GPU -> flex.
+        self.use_flex: bool | None = None
+        self._tables: dict = {}  # per-shape RoPE tables and masks, built on the first call
 
     # ---- packing -------------------------------------------------------------------------------
 
@@ -548,6 +553,20 @@ class DiT(nn.Module):
             r = self.adapter.rope(coords.to(device))
             tables.append(F.pad(r, (0, 0, 0, layout.length - r.shape[0])))
         return torch.stack(tables)
+
+    def shape_tables(self, video_shape, layout: SeqLayout, text_len: list[int], device):
+        """(rope, masks) for this request shape, built once and reused by every later step: all
+        that depends only on shapes stays out of the layer loop (and out of the sampling loop)."""
+        use_flex = self.use_flex if self.use_flex is not None else torch.device(device).type == "cuda"
+        bands = self.adapter.rope.bands
+        key = (tuple(video_shape), layout.num_audio, tuple(text_len), str(device), use_flex,
+               bands.data_ptr(), bands._version)  # new bands (a reload) -> new tables
+        if key not in self._tables:
+            rope = self.rope(video_shape, layout, text_len, device)
+            R = self.cfg.frame_receptive_field if self.cfg.local_attn_layers else None
+            masks = attention_masks(layout, R, len(text_len), device, use_flex)
+            self._tables = {key: (rope, masks)}  # keep only the latest shape
+        return self._tables[key]
 
     def embed(self, video, audio, text, text_len: list[int], layout: SeqLayout) -> torch.Tensor:
         """Embed each modality with its own float32 linear and concatenate: [B, L, D]."""
@@ -576,15 +595,14 @@ class DiT(nn.Module):
             raise ValueError(f"text_len {text_len} does not fit text of shape {tuple(text.shape)}")
         B, _, T, h, w = video.shape
         layout = self.layout(video.shape, audio.shape[1], text_len)
-        rope = self.rope(video.shape, layout, text_len, video.device)  # [B, L, 6·nb]
+        rope, masks = self.shape_tables(video.shape, layout, text_len, video.device)  # rope [B, L, 6·nb]
         x = self.embed(video.float(), audio.float(), text.float(), text_len, layout)  # [B, L, D] fp32
         attn_fn = attention
         if self.sp is not None:  # keep only this rank's rows; attention all-to-alls to head shards
             x, rope, layout = self.sp.shard(x, rope, layout)
             attn_fn = self.sp.attention
-        R = self.cfg.frame_receptive_field
         for layer in self.block.layers:
-            x = layer(x, rope, layout, R, attn_fn)
+            x = layer(x, rope, layout.sizes, masks, attn_fn)
         if self.sp is not None:
             x = self.sp.gather(x, layout)  # every rank gets the whole sequence back for the heads
         return self.head(x, layout, T, h, w)
@@ -665,6 +683,7 @@ class SequenceParallel:
         start, end = self.rank * per, (self.rank + 1) * per
         x = F.pad(x, (0, 0, 0, per * P - L))[:, start:end]
         rope = F.pad(rope, (0, 0, 0, per * P - L))[:, start:end]
+        self.length = L  # the true length, for cutting the padding off inside attention
         return x, rope, replace(layout, shard=(start, end))
 
     def gather(self, x, layout: SeqLayout):
@@ -692,8 +711,9 @@ class SequenceParallel:
         self.dist.all_to_all_single(out, t, group=self.group)  # out[src] = my rows of src's heads
         return out.transpose(0, 1).reshape(B, P * h, L // P, d)
 
-    def attention(self, q, k, v, layout: SeqLayout, receptive_field: int | None):
-        """Drop-in for `attention` on this rank's rows: q [B, H, Lp, d], k/v [B, G, Lp, d]."""
+    def attention(self, q, k, v, mask):
+        """Drop-in for `attention` on this rank's rows: q [B, H, Lp, d], k/v [B, G, Lp, d].
+        `mask` is the whole sequence's (built before sharding)."""
         H, G, P = q.shape[1], k.shape[1], self.world
         if G % P:  # kv heads cannot be split: one kv head per query head instead (same attention)
             k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
@@ -703,9 +723,8 @@ class SequenceParallel:
             if k.shape[1] == H:
                 k, v = F.pad(k, (0, 0, 0, 0, 0, pad)), F.pad(v, (0, 0, 0, 0, 0, pad))
         q, k, v = self._to_heads(q), self._to_heads(k), self._to_heads(v)
-        L = layout.length  # the padding rows at the end are cut off, so no mask is needed for them
-        full = replace(layout, shard=None)
-        out = attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], full, receptive_field)
+        L = self.length  # the padding rows at the end are cut off, so no mask is needed for them
+        out = attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], mask)
         out = F.pad(out, (0, 0, 0, q.shape[2] - L))
         return self._to_rows(out)[:, :H]
 

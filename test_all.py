@@ -254,15 +254,24 @@ def test_local_mask_matches_official_ranges():
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_equals_dense_mask():
     """FlexAttention (block mask, the GPU path) == SDPA with the dense boolean mask (the CPU path)."""
-    from model import SeqLayout, attention
+    from model import SeqLayout, attention, attention_masks
     layout = SeqLayout(6 * 8, 5, 7, 8, kv_len=[60, 55])
     q = torch.randn(2, 4, layout.length, 16)
     k, v = torch.randn(2, 2, layout.length, 16), torch.randn(2, 2, layout.length, 16)
-    for R in (None, 0, 2):
-        dense = attention(q, k, v, layout, R, use_flex=False)
-        flex = attention(q, k, v, layout, R, use_flex=True)
-        assert rel_l2(flex[0], dense[0]) < 1e-5
-        assert rel_l2(flex[1, :, :55], dense[1, :, :55]) < 1e-5  # padded query rows are never used
+    for R in (0, 2):
+        dense, flex = (attention_masks(layout, R, 2, "cpu", use_flex) for use_flex in (False, True))
+        for m_dense, m_flex in zip(dense, flex):
+            assert rel_l2(attention(q, k, v, m_flex), attention(q, k, v, m_dense)) < 1e-5
+    # and through the whole DiT (local layers + batch padding)
+    cfg = tiny_dit_config()
+    dit = random_dit(cfg)
+    video, audio, text = dit_inputs(cfg, B=2)
+    outs = []
+    for use_flex in (False, True):
+        dit.use_flex = use_flex
+        with torch.no_grad():
+            outs.append(dit(video, audio, text, [7, 5]))
+    assert rel_l2(outs[1][0], outs[0][0]) < 1e-5 and rel_l2(outs[1][1], outs[0][1]) < 1e-5
 
 
 def test_dit_batch_matches_single_samples():
