@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model import DiT
+
 # ==================================================================================================
 # Shared pieces: errors, file readers, the strict loader
 # ==================================================================================================
@@ -117,3 +119,118 @@ def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], sourc
 def materialize_meta(module: nn.Module, device="cpu") -> nn.Module:
     """Give real (uninitialised) storage to anything still on `meta` (used when no checkpoint exists)."""
     return module.to_empty(device=device)
+
+
+# ==================================================================================================
+# The DiT (base, distill, 540p SR, 1080p SR): `model.safetensors`, or shards + index, or `.zst` shards
+# ==================================================================================================
+
+DIT_INDEX = "model.safetensors.index.json"
+DIT_SINGLE = "model.safetensors"
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _read_zst(path: Path, keys) -> dict[str, torch.Tensor]:
+    """A zstd-compressed safetensors shard, decompressed in memory (upstream pipes `zstd -d -c`)."""
+    import zstandard
+
+    try:
+        with open(path, "rb") as f:
+            data = zstandard.ZstdDecompressor().stream_reader(f).read()
+    except zstandard.ZstdError as e:
+        raise CheckpointError(f"{path}: not a valid zstd file ({e})") from None
+    tensors = read_safetensors_bytes(data, str(path))
+    missing = set(keys) - tensors.keys()
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) listed in the index: {_short_list(missing)}")
+    return {k: tensors[k] for k in keys}
+
+
+def dit_checkpoint_files(folder: str | os.PathLike) -> tuple[dict[str, list[str]], str]:
+    """Which keys live in which file: {file path: [keys]} and a name for messages.
+
+    The official loader's rule (spec dit §12): with `model.safetensors.index.json`, read its
+    `weight_map` and, per shard, prefer `<shard>.zst` when it exists; without it, read
+    `model.safetensors`.
+    """
+    folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".safetensors":
+        return {str(folder): _safetensors_keys(folder)}, str(folder)
+    index = folder / DIT_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+        files: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            files.setdefault(shard, []).append(key)
+        resolved = {}
+        for shard, keys in files.items():
+            zst, plain = folder / (shard + ".zst"), folder / shard
+            if not zst.is_file() and not plain.is_file():
+                raise CheckpointError(f"{index}: shard {shard} (or {shard}.zst) not found in {folder}")
+            resolved[str(zst if zst.is_file() else plain)] = keys
+        return resolved, str(index)
+    single = folder / DIT_SINGLE
+    if single.is_file():
+        return {str(single): _safetensors_keys(single)}, str(single)
+    raise CheckpointError(f"{folder}: no {DIT_INDEX} or {DIT_SINGLE} found")
+
+
+def read_checkpoint(files: dict[str, list[str]], expected: dict[str, torch.Tensor], source: str,
+                    device="cpu") -> dict[str, torch.Tensor]:
+    """Read every listed key, casting each tensor to its module's dtype and moving it to `device` as
+    it is read, so an fp32 file never sits in memory whole next to its bf16 copy.
+
+    The key sets are compared first (from the index or the file headers), so a wrong checkpoint
+    fails before gigabytes are read.
+    """
+    listed = {k for keys in files.values() for k in keys}
+    missing, unexpected = expected.keys() - listed, listed - expected.keys()
+    if missing or unexpected:
+        parts = ([f"missing key(s): {_short_list(missing)}"] if missing else []) + (
+            [f"unexpected key(s): {_short_list(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{source}: " + "; ".join(parts))
+    sd = {}
+    for path, keys in files.items():
+        tensors = _read_zst(Path(path), keys) if path.endswith(".zst") else read_safetensors(path, keys)
+        for k, t in tensors.items():
+            if tuple(t.shape) != tuple(expected[k].shape):
+                raise CheckpointError(f"{path}: key {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+            sd[k] = t.to(device=device, dtype=expected[k].dtype)
+    return sd
+
+
+def _dit_on_meta(cfg, block_dtype):
+    with torch.device("meta"):
+        return DiT(cfg, block_dtype=block_dtype)
+
+
+def dit_from_state_dict(sd: dict[str, torch.Tensor], cfg, source: str, block_dtype=torch.bfloat16,
+                        device="cpu"):
+    """A DiT from an in-memory state dict under the official key names (strict), in eval mode."""
+    model = _dit_on_meta(cfg, block_dtype)
+    sd = {k: v.to(device) for k, v in sd.items()}
+    return load_state_dict_strict(model, sd, source).eval()
+
+
+def load_dit(folder: str | os.PathLike, cfg, block_dtype=torch.bfloat16, device="cpu"):
+    """The DiT from a checkpoint folder in any official layout (single file, shards + index, `.zst`).
+
+    Released dtypes (spec §12): base is bf16 on disk, distill and SR fp32; either way the block
+    linears become `block_dtype` and everything else float32, as the official module dtypes do.
+    """
+    model = _dit_on_meta(cfg, block_dtype)
+    files, source = dit_checkpoint_files(folder)
+    sd = read_checkpoint(files, model.state_dict(), source, device)
+    return load_state_dict_strict(model, sd, source).eval()

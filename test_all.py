@@ -93,6 +93,285 @@ def test_golden(case):
 
 
 # ==================================================================================================
+# The DiT (model.py, load_weights.py)
+# ==================================================================================================
+
+import load_weights  # noqa: E402
+from model import DIT_PRESETS, DiT, DiTConfig, count_params, dense_attn_mask  # noqa: E402
+
+
+def dit_config_from_case(spec) -> DiTConfig:
+    call = spec.get("call", {})
+    return DiTConfig(**spec["config"], coords_style=call.get("coords_style", "v2"),
+                     frame_receptive_field=call.get("frame_receptive_field", 11))
+
+
+@golden_kind("dit")
+def run_dit_case(spec, t):
+    cfg = dit_config_from_case(spec)
+    sd = golden_weights(t)
+    inputs = (t["in.video"], t["in.audio"], t["in.text"], t["in.text_len"])
+    for block_dtype, prefix in ((torch.float32, "out32."), (torch.bfloat16, "out.")):
+        dit = load_weights.dit_from_state_dict(sd, cfg, spec.get("case", "golden"), block_dtype=block_dtype)
+        with torch.no_grad():
+            video, audio = dit(*inputs)
+        tol = {k: v for k, v in spec["tol"].items() if k.startswith(prefix)}
+        check_tols({prefix + "video": video, prefix + "audio": audio}, t, tol, f"dit {prefix}")
+
+
+def tiny_dit_config(**overrides) -> DiTConfig:
+    """A small DiT exercising every feature: experts, gelu7 + swiglu7, local layers, post-norms."""
+    base = dict(num_layers=4, hidden_size=64, head_dim=16, num_query_groups=2, text_in_channels=24,
+                mm_layers=[0, 3], gelu7_layers=[0], local_attn_layers=[1], post_norm_layers=[2],
+                frame_receptive_field=1)
+    return DiTConfig(**{**base, **overrides})
+
+
+def random_dit(cfg: DiTConfig, block_dtype=torch.float32, seed=0) -> DiT:
+    """A DiT with random weights everywhere (norm deltas too, so a mis-routed expert shows)."""
+    g = torch.Generator().manual_seed(seed)
+    dit = DiT(cfg, block_dtype=block_dtype)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            scale = 0.2 if "norm" in name else p.shape[-1] ** -0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return dit.eval()
+
+
+def dit_inputs(cfg: DiTConfig, B=1, T=3, h=4, w=6, Na=9, Lpad=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, cfg.latent_channels, T, h, w, generator=g), torch.randn(B, Na, cfg.audio_in_channels, generator=g),
+            torch.randn(B, Lpad, cfg.text_in_channels, generator=g))
+
+
+def test_dit_released_config_keys_and_param_count():
+    """Spec dit §11: 15,299,419,136 parameters in 330 tensors + the bands buffer, official names/shapes."""
+    with torch.device("meta"):
+        dit = DiT(DIT_PRESETS["base"])
+    sd = dit.state_dict()
+    assert count_params(dit) == 15_299_419_136
+    assert len(sd) == 331
+    bf16 = sum(p.numel() for p in dit.parameters() if p.dtype == torch.bfloat16)
+    assert bf16 == 15_277_834_240
+    top = {
+        "adapter.video_embedder.weight": (5120, 192), "adapter.video_embedder.bias": (5120,),
+        "adapter.text_embedder.weight": (5120, 3584), "adapter.text_embedder.bias": (5120,),
+        "adapter.audio_embedder.weight": (5120, 64), "adapter.audio_embedder.bias": (5120,),
+        "adapter.rope.bands": (16,), "final_norm_video.weight": (5120,), "final_norm_audio.weight": (5120,),
+        "final_linear_video.weight": (192, 5120), "final_linear_audio.weight": (64, 5120),
+    }
+    per_layer = {  # suffix: (shared 4-35, mm gelu7 0-3, mm swiglu7 36-39)
+        "attention.pre_norm.weight": ((5120,), (15360,), (15360,)),
+        "attention.linear_qkv.weight": ((7208, 5120), (21624, 5120), (21624, 5120)),
+        "attention.linear_proj.weight": ((5120, 5120), (15360, 5120), (15360, 5120)),
+        "attention.q_norm.weight": ((128,), (384,), (384,)),
+        "attention.k_norm.weight": ((128,), (384,), (384,)),
+        "mlp.pre_norm.weight": ((5120,), (15360,), (15360,)),
+        "mlp.up_gate_proj.weight": ((27304, 5120), (61440, 5120), (81912, 5120)),
+        "mlp.down_proj.weight": ((5120, 13652), (15360, 20480), (15360, 13652)),
+    }
+    expected = dict(top)
+    for i in range(40):
+        col = 1 if i < 4 else 2 if i >= 36 else 0
+        expected.update({f"block.layers.{i}.{s}": shapes[col] for s, shapes in per_layer.items()})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert sd["block.layers.7.attention.linear_qkv.weight"].dtype == torch.bfloat16
+    assert sd["adapter.text_embedder.weight"].dtype == torch.float32
+
+
+def test_dit_presets():
+    """SR presets: coords v1; 1080p global layers are exactly 3, 7, ..., 31 (spec dit §8)."""
+    assert DIT_PRESETS["540p_sr"].coords_style == "v1" and DIT_PRESETS["540p_sr"].local_attn_layers == []
+    local = DIT_PRESETS["1080p_sr"].local_attn_layers
+    assert sorted(set(range(40)) - set(local)) == [3, 7, 11, 15, 19, 23, 27, 31] and len(local) == 32
+    assert DIT_PRESETS["base"].coords_style == DIT_PRESETS["distill"].coords_style == "v2"
+
+
+def test_patch_orders():
+    """Input features are channel-major f = 4c + 2pH + pW; output is patch-major f = 48(2pH + pW) + c."""
+    from model import patchify, unpatchify
+    C, T, h, w = 48, 2, 4, 6
+    video = torch.randn(1, C, T, h, w)
+    tok = patchify(video)
+    out = torch.randn(1, T * (h // 2) * (w // 2), 4 * C)
+    back = unpatchify(out, T, h, w)
+    for (t, i, j, c, ph, pw) in [(0, 0, 0, 0, 0, 0), (1, 1, 2, 47, 1, 1), (1, 0, 1, 5, 0, 1), (0, 1, 0, 30, 1, 0)]:
+        n = t * (h // 2) * (w // 2) + i * (w // 2) + j
+        assert tok[0, n, 4 * c + 2 * ph + pw] == video[0, c, t, 2 * i + ph, 2 * j + pw]
+        assert back[0, c, t, 2 * i + ph, 2 * j + pw] == out[0, n, C * (2 * ph + pw) + c]
+
+
+def test_sequence_coords_worked_example():
+    """Spec dit §10: the 4 s 448x256 request, video/audio/text coordinates for v1 and v2."""
+    from model import sequence_coords
+    Nt = 5
+    for style in ("v1", "v2"):
+        c = sequence_coords(26, 8, 14, 101, Nt, style)
+        assert c.shape == (2912 + 101 + Nt, 9)
+        t, i, j = 3, 5, 11
+        assert c[112 * t + 14 * i + j].tolist() == [t, i, j, 26, 8, 14, 26, 8, 14]
+        assert c[2912 + 40].tolist() == [40, 0, 0, 101, 1, 1, 26, 1, 1]  # identical in v1 and v2
+        k = 2
+        text = [k, 0, 0, Nt, 1, 1, 2, 1, 1] if style == "v1" else [k - Nt, 0, 0, Nt, 1, 1, 1, 1, 1]
+        assert c[3013 + k].tolist() == text
+
+
+def test_rope_effective_positions():
+    """RoPE angles follow the effective positions of spec dit §4: video centred, audio j/4, text 0 (v2)."""
+    from model import ElementWiseFourierEmbed, sequence_coords
+    emb = ElementWiseFourierEmbed(128)
+    coords = sequence_coords(26, 8, 14, 101, 5, "v2")
+    rope = emb(coords)  # [L, 96]: sin(t,h,w) | cos(t,h,w)
+    w = emb.bands.double()
+    def expect(pt, ph, pw):
+        ang = torch.stack([pt * w, ph * w, pw * w]).flatten()
+        return torch.cat([ang.sin(), ang.cos()]).float()
+    torch.testing.assert_close(rope[112 * 3 + 14 * 5 + 11], expect(3, 5 - 3.5, 11 - 6.5))
+    torch.testing.assert_close(rope[2912 + 40], expect(10.0, 0, 0))
+    torch.testing.assert_close(rope[3013 + 2], expect(0, 0, 0))  # identity RoPE for text in v2
+
+
+def official_local_ranges(Nv, Nat, F, R):
+    """Independent re-statement of `calc_local_qk_range` (spec dit §8): the (q, k) range pairs."""
+    tpf = Nv // F
+    clamp = lambda x: min(max(x, 0), Nv)  # noqa: E731
+    pairs = [((i * tpf, (i + 1) * tpf), (clamp((i - R) * tpf), clamp((i + R + 1) * tpf))) for i in range(F)]
+    pairs += [((0, Nv), (Nv, Nv + Nat)), ((Nv, Nv + Nat), (0, Nv + Nat))]
+    return pairs
+
+
+def test_local_mask_matches_official_ranges():
+    from model import SeqLayout
+    for F_, tpf, Na, Nt, R in [(6, 4, 7, 3, 1), (5, 6, 5, 2, 11), (8, 2, 9, 4, 2), (3, 1, 1, 1, 0)]:
+        layout = SeqLayout(F_ * tpf, Na, Nt, tpf)
+        L = layout.length
+        ref = torch.zeros(L, L, dtype=torch.bool)
+        for (q0, q1), (k0, k1) in official_local_ranges(F_ * tpf, Na + Nt, F_, R):
+            ref[q0:q1, k0:k1] = True
+        assert torch.equal(dense_attn_mask(layout, R)[0, 0], ref)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_equals_dense_mask():
+    """FlexAttention (block mask, the GPU path) == SDPA with the dense boolean mask (the CPU path)."""
+    from model import SeqLayout, attention
+    layout = SeqLayout(6 * 8, 5, 7, 8, kv_len=[60, 55])
+    q = torch.randn(2, 4, layout.length, 16)
+    k, v = torch.randn(2, 2, layout.length, 16), torch.randn(2, 2, layout.length, 16)
+    for R in (None, 0, 2):
+        dense = attention(q, k, v, layout, R, use_flex=False)
+        flex = attention(q, k, v, layout, R, use_flex=True)
+        assert rel_l2(flex[0], dense[0]) < 1e-5
+        assert rel_l2(flex[1, :, :55], dense[1, :, :55]) < 1e-5  # padded query rows are never used
+
+
+def test_dit_batch_matches_single_samples():
+    """B = 2 with different text lengths: each sample gets exactly what it gets alone."""
+    cfg = tiny_dit_config()
+    dit = random_dit(cfg)
+    video, audio, text = dit_inputs(cfg, B=2, Lpad=7)
+    lens = [7, 4]
+    with torch.no_grad():
+        bv, ba = dit(video, audio, text, torch.tensor(lens))
+        for b in range(2):
+            sv, sa = dit(video[b : b + 1], audio[b : b + 1], text[b : b + 1], [lens[b]])
+            assert rel_l2(bv[b : b + 1], sv) < 1e-5 and rel_l2(ba[b : b + 1], sa) < 1e-5
+        # and the text padding never matters
+        text2 = text.clone()
+        text2[1, 4:] = 1e6
+        bv2, _ = dit(video, audio, text2, lens)
+    assert torch.equal(bv, bv2)
+    assert rel_l2(bv[0:1], bv[1:2]) > 0.1  # the two samples really differ
+
+
+def test_dit_rejects_bad_inputs():
+    cfg = tiny_dit_config()
+    dit = random_dit(cfg)
+    video, audio, text = dit_inputs(cfg)
+    with pytest.raises(ValueError, match="latent height and width must be even"):
+        dit(video[..., :3], audio, text, [3])
+    with pytest.raises(ValueError, match="audio must be"):
+        dit(video, audio[..., :10], text, [3])
+    with pytest.raises(ValueError, match="text_len"):
+        dit(video, audio, text, [99])
+    with pytest.raises(ValueError, match="coords_style"):
+        DiTConfig(coords_style="v3")
+
+
+def write_dit_checkpoint(folder: Path, sd: dict, layout: str, shards: int = 3) -> Path:
+    """Write `sd` in one of the official DiT layouts: single file, shards + index, `.zst` shards + index."""
+    import zstandard
+    from safetensors.torch import save, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if layout == "single":
+        save_file(sd, str(folder / "model.safetensors"))
+        return folder
+    keys = sorted(sd)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd[k] for k in keys[s::shards]}
+        weight_map.update({k: name for k in part})
+        if layout == "zst":  # only the compressed shard exists, as in the compressed release
+            (folder / (name + ".zst")).write_bytes(zstandard.ZstdCompressor().compress(save(part)))
+        else:
+            save_file(part, str(folder / name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def golden_dit_case(name="dit_tiny_t2v"):
+    spec, t = load_case(GOLDEN_DIR / f"{name}.json")
+    return dit_config_from_case(spec), golden_weights(t), t
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "zst"])
+def test_load_dit_every_layout(tmp_path, layout):
+    """Each official layout loads strictly and gives the golden output; fp32 files too (distill/SR)."""
+    cfg, sd, t = golden_dit_case()
+    inputs = (t["in.video"], t["in.audio"], t["in.text"], t["in.text_len"])
+    for disk_dtype in (None, torch.float32):
+        on_disk = sd if disk_dtype is None else {k: v.to(disk_dtype) for k, v in sd.items()}
+        folder = write_dit_checkpoint(tmp_path / f"{layout}_{disk_dtype}", on_disk, layout)
+        dit = load_weights.load_dit(folder, cfg, block_dtype=torch.float32)
+        assert dit.block.layers[0].attention.linear_qkv.weight.dtype == torch.float32
+        with torch.no_grad():
+            video, audio = dit(*inputs)
+        check_tols({"out32.video": video, "out32.audio": audio}, t, {"out32.video": 1e-4, "out32.audio": 1e-4}, layout)
+    bf16 = load_weights.load_dit(folder, cfg, block_dtype=torch.bfloat16)  # fp32 file rounded to bf16 on load
+    assert bf16.block.layers[0].attention.linear_qkv.weight.dtype == torch.bfloat16
+    assert bf16.adapter.rope.bands.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "zst"])
+def test_load_dit_strict_errors(tmp_path, layout):
+    cfg, sd, _ = golden_dit_case()
+    key = "block.layers.2.mlp.down_proj.weight"
+    bad_cases = {
+        "missing": ({k: v for k, v in sd.items() if k != key}, f"missing key.*{key}"),
+        "extra": ({**sd, "block.layers.2.mlp.extra.weight": torch.zeros(3)}, "unexpected key.*block.layers.2.mlp.extra.weight"),
+        "shape": ({**sd, key: sd[key][:, :-1]}, f"key {key} has shape"),
+    }
+    for what, (bad, pattern) in bad_cases.items():
+        folder = write_dit_checkpoint(tmp_path / what, bad, layout)
+        with pytest.raises(load_weights.CheckpointError, match=pattern) as e:
+            load_weights.load_dit(folder, cfg)
+        assert str(folder) in str(e.value)  # the message names the file
+    with pytest.raises(load_weights.CheckpointError, match="no model.safetensors.index.json or model.safetensors"):
+        load_weights.load_dit(tmp_path / "empty_dir", cfg)
+
+
+def test_load_dit_missing_shard(tmp_path):
+    cfg, sd, _ = golden_dit_case()
+    folder = write_dit_checkpoint(tmp_path / "ck", sd, "sharded")
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(load_weights.CheckpointError, match="shard model-00002-of-00003.safetensors"):
+        load_weights.load_dit(folder, cfg)
+
+
+# ==================================================================================================
 # Sampling (sample.py, sr.py): schedules, the loops, noise order, the SR stage
 # ==================================================================================================
 
