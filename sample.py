@@ -56,15 +56,16 @@ class SampleConfig:
     use_turbo_vae: bool = True  # decode with TurboVAED rather than the Wan2.2 decoder
 
 
-# The four example configs (example/*/config.json). The official "distill": true key is ignored
-# upstream; the distilled behaviour comes from cfg_number = 1 and 8 steps alone. Both SR examples
-# set sr_cfg_number = 1, so SR guidance and the cfg trick are off there. 1080p differs from 540p
-# only in the SR DiT's local attention layers (sr.SR_LOCAL_ATTN_LAYERS).
+# The four example configs (example/*/config.json), under the names of model.DIT_PRESETS so one
+# name picks both. The official "distill": true key is ignored upstream; the distilled behaviour
+# comes from cfg_number = 1 and 8 steps alone. Both SR examples set sr_cfg_number = 1, so SR
+# guidance and the cfg trick are off there; 1080p differs from 540p only in the SR DiT's local
+# attention layers (model.DIT_PRESETS["1080p_sr"]).
 PRESETS = {
     "base": SampleConfig(),
     "distill": SampleConfig(cfg_number=1, num_inference_steps=8),
-    "sr_540p": SampleConfig(use_sr_model=True, sr_cfg_number=1),
-    "sr_1080p": SampleConfig(use_sr_model=True, sr_cfg_number=1),
+    "540p_sr": SampleConfig(use_sr_model=True, sr_cfg_number=1),
+    "1080p_sr": SampleConfig(use_sr_model=True, sr_cfg_number=1),
 }
 
 

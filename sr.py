@@ -6,9 +6,10 @@ Mirrors the SR half of `MagiEvaluator.evaluate` in the official
 `inference/common/config.py` (the 1080p SR DiT's local-attention layers). Facts:
 ../shared/spec/sampling.md §8.3 and ../shared/spec/dit.md §8.
 
-The SR DiT is the same network as the base DiT (model.py) built with coords_style "v1" and, for
-1080p, local attention in the layers of `SR_LOCAL_ATTN_LAYERS["sr_1080p"]`; `sr_dit_settings`
-gives those DiTConfig fields. Everything else here is plain tensor maths around `sample.denoise`.
+The SR DiT is the base network (model.py) built with coords_style "v1" and, for 1080p, local
+attention in 32 of its 40 layers: `model.dit_config("540p_sr")` / `("1080p_sr")`. The sampling
+settings of the two official SR examples are `sample.preset("540p_sr")` / `("1080p_sr")`.
+Everything else here is plain tensor maths around `sample.denoise`.
 """
 
 from __future__ import annotations
@@ -21,31 +22,6 @@ import torch.nn.functional as F
 from sample import Noise, SampleConfig, denoise, zero_snr_table
 
 # ==================================================================================================
-# SR DiT settings (data proxy coords v1; SR2_1080 local attention)
-# ==================================================================================================
-
-# The SR model's data proxy is a copy of the base one with coords_style forced to "v1".
-SR_COORDS_STYLE = "v1"
-# Latent frames each side a video query sees in a local-attention layer (DataProxyConfig default).
-SR_FRAME_RECEPTIVE_FIELD = 11
-# SR2_1080=true (set by the 1080p example scripts) makes 32 of the 40 layers local; every 4th layer
-# up to 31 (3, 7, ..., 31) stays global. 540p SR uses full attention everywhere.
-SR_LOCAL_ATTN_LAYERS = {
-    "sr_540p": [],
-    "sr_1080p": [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, 16, 17, 18, 20, 21, 22, 24, 25, 26,
-                 28, 29, 30, 32, 33, 34, 35, 36, 37, 38, 39],
-}
-
-
-def sr_dit_settings(name: str) -> dict:
-    """The DiTConfig fields that turn the base architecture into the `name` SR model."""
-    if name not in SR_LOCAL_ATTN_LAYERS:
-        raise ValueError(f"unknown SR model {name!r}; choose one of {sorted(SR_LOCAL_ATTN_LAYERS)}")
-    return dict(coords_style=SR_COORDS_STYLE, frame_receptive_field=SR_FRAME_RECEPTIVE_FIELD,
-                local_attn_layers=list(SR_LOCAL_ATTN_LAYERS[name]))
-
-
-# ==================================================================================================
 # The pieces of the SR input
 # ==================================================================================================
 
@@ -53,7 +29,7 @@ def sr_dit_settings(name: str) -> dict:
 def upsample_latent(video: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """[1, 48, T, h, w] -> [1, 48, T, H, W]: trilinear with T kept, i.e. bilinear per frame."""
     T = video.shape[2]
-    # align_corners=True as upstream (it changes every value off the corner grid).
+    # align_corners=True as upstream: corners map to corners; False gives other in-between values.
     return F.interpolate(video, size=(T, *latent_hw), mode="trilinear", align_corners=True)
 
 

@@ -658,10 +658,7 @@ def test_zero_snr_values_and_negative_prompt():
     assert hashlib.sha256(p.encode()).hexdigest() == "4515a21f8d125d12e5a42b23e65bb09f46ea9817567f1834ad556e8cd1852c4b"
 
 
-def test_sr_settings_guidance_and_draws():
-    loc = sr.sr_dit_settings("sr_1080p")["local_attn_layers"]
-    assert len(loc) == 32 and sorted(set(range(40)) - set(loc)) == [3, 7, 11, 15, 19, 23, 27, 31]
-    assert sr.sr_dit_settings("sr_540p") == dict(coords_style="v1", frame_receptive_field=11, local_attn_layers=[])
+def test_sr_guidance_and_draws():
     cfg = sample.SampleConfig()
     assert sr.sr_video_guidance(15, cfg).flatten().tolist() == [2.0] * 13 + [3.5] * 2
     assert sr.sr_video_guidance(4, sample.SampleConfig(use_cfg_trick=False)).flatten().tolist() == [3.5] * 4
@@ -669,7 +666,16 @@ def test_sr_settings_guidance_and_draws():
     text, tl, _, _ = _tiny_text()
     br_v, br_a = torch.randn(1, 48, 2, 2, 2), torch.randn(1, 5, 64)
     noise, dit = sample.Noise(seed=0), _ConstDiT()
-    v, a = sr.sr_pass(dit, sample.preset("sr_540p"), br_v, br_a, text, tl, sr_latent_hw=(4, 6), noise=noise,
+    v, a = sr.sr_pass(dit, sample.preset("540p_sr"), br_v, br_a, text, tl, sr_latent_hw=(4, 6), noise=noise,
                       progress=False)
     assert v.shape == (1, 48, 2, 4, 6) and torch.equal(a, br_a) and dit.n == 5
     assert noise.log == [("sr_video", (1, 48, 2, 4, 6)), ("sr_audio", (1, 5, 64))]
+
+
+def test_sampling_presets_match_dit_presets():
+    # One --model name must pick both the DiT and its sampling settings.
+    assert set(sample.PRESETS) == set(DIT_PRESETS) - {"tiny"}
+    d = sample.preset("distill")
+    assert (d.cfg_number, d.num_inference_steps) == (1, 8) and sample.preset("base").cfg_number == 2
+    with pytest.raises(ValueError, match="unknown preset"):
+        sample.preset("1080p")
