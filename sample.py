@@ -323,6 +323,7 @@ def base_video_guidance(t: int, cfg: SampleConfig) -> float:
     return cfg.video_txt_guidance_scale if t > 500 else 2.0
 
 
+@torch.no_grad()  # sampling never needs gradients; loaded parameters still have requires_grad set
 def denoise(
     dit: Callable,
     video: torch.Tensor,

@@ -378,7 +378,6 @@ def test_load_dit_missing_shard(tmp_path):
 import hashlib
 import re
 
-import load_weights
 import sample
 import sr
 
@@ -440,7 +439,9 @@ def _run_sampling_case(spec, tensors, dit):
     n_cfg = cfg.sr_cfg_number if sr_case else cfg.cfg_number
     text_null = tensors.get("in.text_null") if n_cfg == 2 else None
     text_null_len = tensors.get("in.text_null_len") if n_cfg == 2 else None
-    image = tensors.get("in.image_latent") if call["ti2v"] else None
+    image = None
+    if call["ti2v"]:  # SR re-encodes the image at SR size; accept either name for it
+        image = tensors.get("in.image_latent_sr", tensors.get("in.image_latent"))
     trace = {}
     if sr_case:
         video, audio = sr.sr_pass(
@@ -516,7 +517,8 @@ def _golden_unipc_schedule(spec, tensors):
         for i, t in enumerate(sched.timesteps.tolist()):
             v = x @ M + (torch.tensor(t, dtype=torch.float32) / 1000) * u
             if tr["method"].startswith("step_ddim"):
-                x = sample.step_ddim(sched.sigmas, i, v, x, tensors["in.ddim8_noise"][i])
+                key = re.match(r"(in\.\w+)\[i\]", tr["noise"]).group(1)  # "in.ddim8_noise[i] at step i"
+                x = sample.step_ddim(sched.sigmas, i, v, x, tensors[key][i])
             else:
                 x = sched.step(v, x)
             traj.append(x)
