@@ -993,3 +993,39 @@ def test_sampling_presets_match_dit_presets():
     assert (d.cfg_number, d.num_inference_steps) == (1, 8) and sample.preset("base").cfg_number == 2
     with pytest.raises(ValueError, match="unknown preset"):
         sample.preset("1080p")
+
+
+# ==================================================================================================
+# Speed path: compiled layers, layer streaming (model.compile_layers, model.LayerStreamer)
+# ==================================================================================================
+
+
+def test_layer_streaming_equals_resident():
+    """--offload layers: weights streamed layer by layer give exactly the resident output."""
+    from model import LayerStreamer
+    cfg = tiny_dit_config()
+    dit = random_dit(cfg)
+    video, audio, text = dit_inputs(cfg)
+    with torch.no_grad():
+        ref = dit(video, audio, text, [5])
+        LayerStreamer(dit, "cpu")
+        out1 = dit(video, audio, text, [5])
+        out2 = dit(video, audio, text, [5])  # a second step reuses the prefetched first layer
+    for o in (out1, out2):
+        assert torch.equal(o[0], ref[0]) and torch.equal(o[1], ref[1])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals Inductor touches
+def test_compiled_layers_equal_eager():
+    """torch.compile of the layers (Inductor on CPU) == eager, float32 and the bf16 path."""
+    from model import compile_layers
+    # Two layers (an expert gelu7 layer and a shared swiglu7 one) keep the compile time down.
+    cfg = tiny_dit_config(num_layers=2, mm_layers=[0], gelu7_layers=[0], post_norm_layers=[], local_attn_layers=[])
+    video, audio, text = dit_inputs(cfg)
+    dit = random_dit(cfg)
+    with torch.no_grad():
+        ref = dit(video, audio, text, [5])
+        compile_layers(dit)
+        out = dit(video, audio, text, [5])
+    # float32 both ways; fusion reorders float32 sums, so ~1e-7 differences, nowhere near 1e-5.
+    assert rel_l2(out[0], ref[0]) < 1e-5 and rel_l2(out[1], ref[1]) < 1e-5
