@@ -433,3 +433,122 @@ def cached_text_features(weights_dir, text: str, compute, variant: str = "", cac
 
         warnings.warn(f"text-feature cache not written to {cache_dir} ({_first_line(e)})", stacklevel=2)
     return features, n
+
+
+# ==================================================================================================
+# The release as a folder: where each file lives, what a run needs, and the download command
+# ==================================================================================================
+# `--weights DIR` holds the four released repositories side by side, each in its own layout:
+#   DIR/daVinci-MagiHuman/{base,distill,540p_sr,1080p_sr}/   the DiTs (any layout load_dit reads)
+#   DIR/daVinci-MagiHuman/turbo_vae/                          Turbo VAE decoder json + .ckpt
+#   DIR/t5gemma-9b-9b-ul2/                                    text encoder (encoder shards only needed)
+#   DIR/stable-audio-open-1.0/                                audio VAE (inside model.safetensors)
+#   DIR/Wan2.2-TI2V-5B/Wan2.2_VAE.pth                         Wan2.2 VAE (TI2V encoder, --vae wan)
+
+REPOS = {  # Hugging Face repository -> folder name under DIR
+    "GAIR/daVinci-MagiHuman": "daVinci-MagiHuman",
+    "google/t5gemma-9b-9b-ul2": "t5gemma-9b-9b-ul2",
+    "stabilityai/stable-audio-open-1.0": "stable-audio-open-1.0",
+    "Wan-AI/Wan2.2-TI2V-5B": "Wan2.2-TI2V-5B",
+}
+DIT_MODELS = ("base", "distill", "540p_sr", "1080p_sr")
+TURBO_JSON = "daVinci-MagiHuman/turbo_vae/TurboV3-Wan22-TinyShallow_7_7.json"
+TURBO_CKPT = "daVinci-MagiHuman/turbo_vae/checkpoint-340000.ckpt"
+WAN_VAE_PTH = "Wan2.2-TI2V-5B/Wan2.2_VAE.pth"
+TEXT_DIR = "t5gemma-9b-9b-ul2"
+AUDIO_DIR = "stable-audio-open-1.0"
+TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "model.safetensors.index.json")
+
+
+def required_files(models=("distill",), vae: str = "turbo", image: bool = False) -> list[str]:
+    """Paths (relative to DIR) a run needs; a DiT folder counts as present if it has either index
+    or single file, so it is listed by its index name and checked with `_dit_present`."""
+    need = [f"daVinci-MagiHuman/{m}" for m in models]
+    need += [f"{TEXT_DIR}/config.json", f"{TEXT_DIR}/tokenizer.json", f"{TEXT_DIR}/model.safetensors.index.json",
+             f"{AUDIO_DIR}/model.safetensors", f"{AUDIO_DIR}/model_config.json"]
+    if vae == "turbo":
+        need += [TURBO_JSON, TURBO_CKPT]
+    if vae == "wan" or image:
+        need.append(WAN_VAE_PTH)
+    return need
+
+
+def missing_files(weights_dir, models=("distill",), vae: str = "turbo", image: bool = False) -> list[str]:
+    weights_dir = Path(weights_dir)
+    missing = []
+    for rel in required_files(models, vae, image):
+        p = weights_dir / rel
+        present = ((p / DIT_INDEX).is_file() or (p / DIT_SINGLE).is_file()) if rel.split("/")[-1] in DIT_MODELS else p.is_file()
+        if not present:
+            missing.append(rel)
+    return missing
+
+
+def download_patterns(models=DIT_MODELS) -> dict[str, list[str]]:
+    """What `download` fetches per repository: only the files a run reads. The text encoder's shards
+    are added afterwards from its index (only those that hold `model.encoder.*` tensors)."""
+    bad = sorted(set(models) - set(DIT_MODELS))
+    if bad:
+        raise ValueError(f"unknown model(s) {bad}; choose from {list(DIT_MODELS)}")
+    return {
+        "GAIR/daVinci-MagiHuman": [f"{m}/*" for m in models] + ["turbo_vae/*"],
+        "google/t5gemma-9b-9b-ul2": list(TEXT_FILES),
+        "stabilityai/stable-audio-open-1.0": ["model.safetensors", "model_config.json"],  # VAE = pretransform.*
+        "Wan-AI/Wan2.2-TI2V-5B": ["Wan2.2_VAE.pth"],  # the VAE only, not the 5B video model
+    }
+
+
+def encoder_shards(index_path) -> list[str]:
+    """The shards of the T5-Gemma release that hold encoder tensors (the decoder half is skipped)."""
+    weight_map = _read_json(Path(index_path)).get("weight_map", {})
+    return sorted({shard for key, shard in weight_map.items() if key.startswith(TEXT_ENCODER_PREFIXES)})
+
+
+def download(weights_dir, models=DIT_MODELS) -> None:
+    """Fetch exactly the needed files with huggingface_hub (optional dependency)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:
+        raise CheckpointError(
+            "downloading needs huggingface_hub: pip install huggingface_hub==2.4.0 "
+            "(or fetch the files listed in README.md by hand into " + str(weights_dir) + ")") from None
+    weights_dir = Path(weights_dir)
+    for repo, patterns in download_patterns(models).items():
+        local = weights_dir / REPOS[repo]
+        try:
+            snapshot_download(repo, local_dir=local, allow_patterns=patterns)
+            if repo == "google/t5gemma-9b-9b-ul2":
+                shards = encoder_shards(local / "model.safetensors.index.json")
+                snapshot_download(repo, local_dir=local, allow_patterns=shards)
+        except GatedRepoError:
+            raise CheckpointError(f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, "
+                                  "then log in with `hf auth login` and run this again") from None
+        except RepositoryNotFoundError:
+            raise CheckpointError(f"{repo}: repository not found (or not visible without logging in)") from None
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="load_weights.py", description="Fetch the released weights into a folder (needs huggingface_hub).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("download", help="download the files sample.py needs into DIR")
+    d.add_argument("dir", help="weights folder (sample.py's --weights)")
+    d.add_argument("--models", default=",".join(DIT_MODELS),
+                   help=f"comma-separated DiTs to fetch (default: all of {','.join(DIT_MODELS)})")
+    args = parser.parse_args(argv)
+    try:
+        download(args.dir, [m for m in args.models.split(",") if m])
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"weights ready in {args.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -75,32 +75,6 @@ def preset(name: str, **overrides) -> SampleConfig:
     return replace(PRESETS[name], **overrides)
 
 
-# The official default negative prompt (video_generate.py), encoded once at start-up for the
-# uncond pass: a visual list, an audio list and a speech list, joined exactly as upstream does
-# (1719 characters, no trailing newline; test_all.py checks its SHA-256 against the spec).
-NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
-    "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
-    "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
-    "fused fingers, still picture, messy background, three legs, many people in the background, "
-    "walking backwards"
-    ", low quality, worst quality, poor quality, noise, background noise, hiss, hum, buzz, crackle, "
-    "static, compression artifacts, MP3 artifacts, digital clipping, distortion, muffled, muddy, "
-    "unclear, echo, reverb, room echo, over-reverberated, hollow sound, distant, washed out, harsh, "
-    "shrill, piercing, grating, tinny, thin sound, boomy, bass-heavy, flat EQ, over-compressed, "
-    "abrupt cut, jarring transition, sudden silence, looping artifact, music, instrumental, sirens, "
-    "alarms, crowd noise, unrelated sound effects, chaotic, disorganized, messy, cheap sound"
-    ", emotionless, flat delivery, deadpan, lifeless, apathetic, robotic, mechanical, monotone, "
-    "flat intonation, undynamic, boring, reading from a script, AI voice, synthetic, text-to-speech, "
-    "TTS, insincere, fake emotion, exaggerated, overly dramatic, melodramatic, cheesy, cringey, "
-    "hesitant, unconfident, tired, weak voice, stuttering, stammering, mumbling, slurred speech, "
-    "mispronounced, bad articulation, lisp, vocal fry, creaky voice, mouth clicks, lip smacks, "
-    "wet mouth sounds, heavy breathing, audible inhales, plosives, p-pops, coughing, clearing "
-    "throat, sneezing, speaking too fast, rushed, speaking too slow, dragged out, unnatural pauses, "
-    "awkward silence, choppy, disjointed, multiple speakers, two voices, background talking, "
-    "out of tune, off-key, autotune artifacts"
-)
-
 # ==================================================================================================
 # Sizes (spec §3)
 # ==================================================================================================
@@ -450,3 +424,577 @@ def base_pass(
         step_audio=audio_latent is None,  # UniPC leaves given (A2V) audio alone; step_ddim does not
         image_latent=image_latent, noise=noise, trace=trace, progress=progress, desc="base",
     )
+
+
+# ==================================================================================================
+# Inputs: prompt, sizes, reference image, audio file (spec §3, §5, §6)
+# ==================================================================================================
+
+AUDIO_RATE = 51200  # the rate the pipeline declares for VAE waveforms: 25 latents/s x 2048 samples
+OUT_RATE = 44100  # the rate of the written audio (the VAE's true training rate)
+SR_SHORT_SIDE = {"540p": 512, "1080p": 1088}  # SR target of the shorter side (official 896x512, 1920x1088)
+
+
+class InputError(ValueError):
+    """Bad user input: reported as one line on stderr with exit status 2."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H) in pixels."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size must look like 448x256 (width x height in pixels), got {text!r}") from None
+    if w < 32 or h < 32:
+        raise InputError(f"--size {w}x{h} is too small: width and height must be at least 32 px")
+    return w, h
+
+
+def sr_size_for(width: int, height: int, sr: str) -> tuple[int, int]:
+    """SR pixel size: the shorter side becomes 512 (540p) or 1088 (1080p), the other scales with it,
+    rounded to a multiple of 32 (448x256 -> 896x512 and 1920x1088, the official pairs)."""
+    short = SR_SHORT_SIDE[sr]
+    scale = short / min(width, height)
+    other = int(round(max(width, height) * scale / 32)) * 32
+    return (other, short) if width >= height else (short, other)
+
+
+def read_image(path):
+    """The TI2V reference image as a PIL RGB image (EXIF orientation applied later, in vae.py)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise InputError(f"--image {path}: file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"--image {path}: not a readable image ({e.__class__.__name__})") from None
+    return image
+
+
+def read_audio(path, seconds: float | None) -> torch.Tensor:
+    """An audio file -> mono float32 [S] at 51.2 kHz, quantised to int16 first, as the official
+    `whisper.load_audio(path, sr=51200)` does with the ffmpeg CLI. PyAV runs the same FFmpeg
+    resampler (libswresample) that the CLI uses by default. Trimmed to `seconds`, never padded."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except FileNotFoundError:
+        raise InputError(f"--audio {path}: file not found") from None
+    except (av.error.FFmpegError, OSError) as e:
+        raise InputError(f"--audio {path}: not a readable audio file ({e.__class__.__name__})") from None
+    with container:
+        if not container.streams.audio:
+            raise InputError(f"--audio {path}: the file has no audio stream")
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
+        chunks = []
+        try:
+            for frame in container.decode(audio=0):
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # flush
+        except av.error.FFmpegError as e:
+            raise InputError(f"--audio {path}: cannot decode the audio ({e.__class__.__name__})") from None
+    pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    if seconds is not None:
+        pcm = pcm[: int(seconds * AUDIO_RATE)]
+    if len(pcm) < 2048:
+        raise InputError(f"--audio {path}: shorter than one audio latent (2048 samples at 51.2 kHz, 40 ms)")
+    return torch.from_numpy(pcm.astype(np.float32) / 32768.0)  # int16 / 32768, as upstream
+
+
+# ==================================================================================================
+# Outputs: uint8 frames, mp4 (H.264 + AAC) and wav, written atomically (spec §9)
+# ==================================================================================================
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """Decoded video [1, 3, F, H, W] in ~[-1, 1] -> uint8 [F, H, W, 3]."""
+    x = (0.5 * video[0].float() + 0.5).clamp(0, 1)  # 3 F H W
+    # Truncation, not rounding: numpy's astype(uint8) upstream.
+    return (x.permute(1, 2, 3, 0) * 255).cpu().numpy().astype(np.uint8)  # F H W 3
+
+
+def _atomic(path, write) -> None:
+    """Run `write(tmp_path)` and rename the result to `path`; on any failure (Ctrl-C included) the
+    temporary file is removed and `path` is left as it was."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_mp4(path, frames: np.ndarray, audio: np.ndarray | None, fps: int = 25) -> None:
+    """frames uint8 [F, H, W, 3], audio float32 [N, 2] at 44.1 kHz -> one mp4: H.264 yuv420p + AAC.
+
+    Upstream writes the video with imageio (libx264, CRF 10, yuv420p) and muxes a 16-bit wav into AAC
+    with the ffmpeg CLI; here both streams go into one file in one pass with PyAV.
+    """
+    import av
+
+    def write(tmp):
+        with av.open(str(tmp), mode="w", format="mp4") as out:
+            v = out.add_stream("libx264", rate=fps)
+            v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            v.options = {"crf": "10"}  # imageio's quality 8 maps to CRF 10
+            a = None
+            if audio is not None:
+                a = out.add_stream("aac", rate=OUT_RATE)
+                a.layout = "stereo"
+            for f in frames:
+                out.mux(v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            out.mux(v.encode())
+            if a is not None:
+                pcm = np.ascontiguousarray(audio.T.astype(np.float32))  # [2, N] planar
+                step = 1024  # one AAC frame
+                for k in range(0, pcm.shape[1], step):
+                    frame = av.AudioFrame.from_ndarray(pcm[:, k : k + step], format="fltp", layout="stereo")
+                    frame.sample_rate, frame.pts = OUT_RATE, k
+                    out.mux(a.encode(frame))
+                out.mux(a.encode())
+
+    _atomic(path, write)
+
+
+def write_wav(path, audio: np.ndarray, rate: int = OUT_RATE) -> None:
+    """float32 [N, 2] -> 16-bit PCM wav (soundfile's default subtype upstream)."""
+    import wave
+
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
+
+    def write(tmp):
+        with wave.open(str(tmp), "wb") as w:
+            w.setnchannels(audio.shape[1])
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes(pcm.tobytes())
+
+    _atomic(path, write)
+
+
+# ==================================================================================================
+# The networks of a run: from a weights folder or tiny and random; placed by the offload mode
+# ==================================================================================================
+
+
+class Models:
+    """Builds each network on first use and keeps it where the offload mode says.
+
+    offload "none": everything stays on the device once loaded (fastest; needs ~80 GB for the
+    full 1080p pipeline). "model": a network is on the device only during its stage and is moved
+    to host memory afterwards. "layers": as "model", and the DiTs stream their 40 layers from
+    pinned host memory one at a time (model.LayerStreamer), so the 15B DiT fits a 24 GB card.
+    `builders[name](device)` returns the network (called with "cpu" for streamed DiTs).
+    """
+
+    def __init__(self, builders: dict, device, dtype=torch.bfloat16, offload: str = "none",
+                 compile: bool = False, sp=None):
+        if offload not in ("none", "model", "layers"):
+            raise ValueError(f"offload must be none, model or layers, got {offload!r}")
+        self.builders, self.device, self.dtype, self.offload = builders, torch.device(device), dtype, offload
+        self.compile, self.sp, self.loaded = compile, sp, {}
+
+    def get(self, name: str):
+        import model as dit_lib
+
+        m = self.loaded.get(name)
+        is_dit = name in ("dit", "sr_dit")
+        if m is None:
+            stream = is_dit and self.offload == "layers"
+            m = self.builders[name]("cpu" if stream else self.device)
+            if stream:
+                dit_lib.LayerStreamer(m, self.device)
+            if is_dit and self.sp is not None:
+                self.sp.apply(m)
+            if is_dit and self.compile and not stream:
+                dit_lib.compile_layers(m)
+            self.loaded[name] = m
+        if not (is_dit and self.offload == "layers"):
+            m.to(self.device)
+        return m
+
+    def release(self, name: str) -> None:
+        """The stage that needed `name` is over: move it off the device unless offload is "none"."""
+        m = self.loaded.get(name)
+        if m is not None and self.offload != "none" and self.device.type != "cpu":
+            if not (name in ("dit", "sr_dit") and self.offload == "layers"):
+                m.to("cpu")
+            torch.cuda.empty_cache()
+
+    def drop(self, name: str) -> None:
+        self.loaded.pop(name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def release_builders(weights, model: str, sr: str, vae_kind: str, dtype: torch.dtype) -> dict:
+    """Builders for the released networks under `weights` (layout: load_weights.py, "The release")."""
+    from pathlib import Path
+
+    import load_weights as lw
+    from model import dit_config
+
+    w = Path(weights)
+    return {
+        "dit": lambda dev: lw.load_dit(w / "daVinci-MagiHuman" / model, dit_config(model), dtype, dev),
+        "sr_dit": lambda dev: lw.load_dit(w / "daVinci-MagiHuman" / f"{sr}_sr", dit_config(f"{sr}_sr"), dtype, dev),
+        "text_encoder": lambda dev: lw.load_text_encoder(w / lw.TEXT_DIR, dtype, dev),
+        "tokenizer": lambda dev: lw.load_text_tokenizer(w / lw.TEXT_DIR),
+        "turbo": lambda dev: lw.load_turbo_vaed(w / lw.TURBO_JSON, w / lw.TURBO_CKPT, dtype, dev),
+        "wan": lambda dev: lw.load_wan_vae(w / lw.WAN_VAE_PTH, dtype, dev),
+        "audio_vae": lambda dev: lw.load_audio_vae(w / lw.AUDIO_DIR, dev),  # always fp32, as upstream
+    }
+
+
+def tiny_builders(dtype: torch.dtype, seed: int = 0) -> dict:
+    """Tiny networks with seeded random weights: the whole pipeline in seconds on a laptop CPU."""
+    import model as dit_lib
+    import text_encoder as te
+    import vae
+
+    def seeded(make):
+        def build(dev):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return make().to(dev)
+        return build
+
+    def dit(name):
+        def build(dev):
+            cfg = dit_lib.dit_config("tiny", coords_style="v1" if name == "sr" else "v2")
+            return dit_lib.init_random_(dit_lib.DiT(cfg, block_dtype=dtype).to(dev), seed).eval()
+        return build
+
+    return {
+        "dit": dit("base"),
+        "sr_dit": dit("sr"),
+        "text_encoder": seeded(lambda: te.T5GemmaEncoder(te.T5GemmaEncoderConfig.tiny()).eval()),
+        "tokenizer": lambda dev: te.GemmaTokenizer(te.tiny_tokenizer()),
+        "turbo": seeded(lambda: vae.TurboVAED(vae.TurboVAEDConfig.tiny()).eval()),
+        "wan": seeded(lambda: vae.WanVAE(vae.WanVAEConfig.tiny()).eval()),
+        "audio_vae": seeded(lambda: vae.OobleckVAE(vae.OobleckConfig.tiny()).eval()),
+    }
+
+
+# ==================================================================================================
+# The pipeline: prompt (+ image / audio) -> frames and waveform (MagiEvaluator.evaluate, spec §0)
+# ==================================================================================================
+
+
+@dataclass
+class Request:
+    prompt: str
+    seconds: int | None = 4  # None with an audio file: take the audio's length
+    size: tuple[int, int] = (448, 256)  # requested base width x height in pixels
+    sr: str = "none"  # "none", "540p" or "1080p"
+    image: object = None  # PIL image (TI2V)
+    audio: torch.Tensor | None = None  # mono float32 at 51.2 kHz (A2V)
+    seed: int = 42
+    vae: str = "turbo"  # video decoder: "turbo" (official default) or "wan"
+
+
+class Timer:
+    """Wall time per stage (device work waited for), for the table printed at the end."""
+
+    def __init__(self, device):
+        self.device, self.times = torch.device(device), {}
+
+    def __call__(self, name):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def stage():
+            start = time.perf_counter()
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+        return stage()
+
+
+def encode_text(models: Models, text: str, text_weights=None):
+    """(features [1, n, C] float32 on the device, n). With released weights (`text_weights`, the
+    T5-Gemma folder) the features are cached on disk by weights + text, so the negative prompt (and
+    a repeated prompt) never loads the 18 GB encoder again."""
+    import load_weights as lw
+    import text_encoder as te
+
+    def compute():
+        return te.encode_prompt(models.get("text_encoder"), models.get("tokenizer"), text)
+
+    if text_weights is None:
+        feats, n = compute()
+    else:
+        variant = f"{models.device.type}/{models.dtype}/{te.TEXT_MAX_LEN}"
+        feats, n = lw.cached_text_features(text_weights, text, compute, variant=variant)
+    return feats.to(models.device), torch.tensor([n])
+
+
+def generate(models: Models, req: Request, cfg: SampleConfig, *, text_weights=None, progress=True,
+             timer: Timer | None = None, decode: bool = True):
+    """One request -> (frames uint8 [F, H, W, 3], audio float32 [N, 2] at 44.1 kHz), or the latents
+    (video, audio) when `decode` is False. Stages in the official order (spec §0)."""
+    import text_encoder as te
+    import vae
+
+    timer = timer or Timer(models.device)
+    device = models.device
+    noise = Noise(req.seed, device)  # every draw of the run, in the official order
+    lh, lw = latent_size(*req.size)
+
+    with timer("text encode"):
+        # An empty prompt is refused here, before any heavy work.
+        text, text_len = encode_text(models, req.prompt, text_weights)
+        text_null = text_null_len = None
+        if cfg.cfg_number == 2 or (cfg.use_sr_model and cfg.sr_cfg_number == 2):
+            text_null, text_null_len = encode_text(models, te.NEGATIVE_PROMPT, text_weights)
+        models.release("text_encoder")
+
+    audio_latent = None
+    num_frames = None if req.seconds is None else num_frames_for(req.seconds, cfg.fps)
+    if req.audio is not None:
+        with timer("audio encode"):
+            audio_vae = models.get("audio_vae")
+            # A2V: the posterior sample is RNG draw #1 (before the video noise); length from the audio.
+            audio_latent = audio_vae.encode_a2v(req.audio.to(device), noise=noise)  # [1, L, 64]
+            num_frames = audio_latent.shape[1]
+            models.release("audio_vae")
+
+    image_latent = sr_image_latent = None
+    sr_hw = None
+    if cfg.use_sr_model:
+        sr_w, sr_h = sr_size_for(*req.size, req.sr)
+        sr_hw = latent_size(sr_w, sr_h)
+    if req.image is not None:
+        with timer("image encode"):
+            wan = models.get("wan")
+            image_latent = wan.encode_image(vae.image_to_tensor(req.image, 16 * lh, 16 * lw).to(device))
+            if sr_hw is not None:  # encoded again at SR size, not upsampled (pitfall 6)
+                sr_image_latent = wan.encode_image(vae.image_to_tensor(req.image, 16 * sr_hw[0], 16 * sr_hw[1]).to(device))
+            models.release("wan")
+
+    with timer("DiT"):
+        video, audio = base_pass(
+            models.get("dit"), cfg, text, text_len, text_null, text_null_len, num_frames=num_frames,
+            latent_hw=(lh, lw), noise=noise, image_latent=image_latent, audio_latent=audio_latent,
+            progress=progress)
+        models.release("dit")
+
+    if cfg.use_sr_model:
+        import sr as sr_stage
+
+        with timer("SR"):
+            video, audio = sr_stage.sr_pass(
+                models.get("sr_dit"), cfg, video, audio, text, text_len, text_null, text_null_len,
+                sr_latent_hw=sr_hw, noise=noise, image_latent=sr_image_latent, progress=progress)
+            models.release("sr_dit")
+    if not decode:
+        return video, audio
+
+    with timer("decode video"):
+        decoder = models.get(req.vae)
+        frames = to_uint8_frames(decoder.decode(video))  # Turbo: unclamped; Wan: clamped to [-1, 1]
+        models.release(req.vae)
+    with timer("decode audio"):
+        audio_vae = models.get("audio_vae")
+        wave_51k = audio_vae.decode(audio)  # [1, 2, 2048 N] at the declared 51.2 kHz
+        audio_44k = vae.resample_to_44k(wave_51k)  # [1764 N, 2] float32 (scipy's FFT resample)
+        models.release("audio_vae")
+    return frames, audio_44k
+
+
+# ==================================================================================================
+# Command line
+# ==================================================================================================
+
+EXAMPLES = """examples:
+  python sample.py --prompt "A woman in a red coat looks into the camera and says: welcome back."
+  python sample.py --prompt-file prompt.txt --image face.png            # TI2V: start from a photo
+  python sample.py --prompt-file prompt.txt --audio speech.wav          # A2V: animate given speech
+  python sample.py --prompt-file prompt.txt --sr 540p                   # 896x512 through latent SR
+  python sample.py --prompt "a person says hello" --tiny-random --seconds 2   # no weights, any CPU
+"""
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="sample.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Generate a talking-person video with its speech (one mp4) from a text prompt, "
+                    "optionally from a reference image (TI2V) or a given audio track (A2V).")
+    g = p.add_argument_group("what to generate")
+    g.add_argument("--prompt", help="the text prompt (describe the person, what they say and how)")
+    g.add_argument("--prompt-file", help="read the prompt from this text file instead")
+    g.add_argument("--image", help="reference image for the first frame (TI2V)")
+    g.add_argument("--audio", help="speech/audio track to animate (A2V); the clip takes its length")
+    g.add_argument("--seconds", type=int, default=None, help="clip length in seconds (default 4; with --audio, the audio's length)")
+    g.add_argument("--size", default="448x256", help="base video size WxH in pixels, floored to multiples of 32 (default 448x256)")
+    g.add_argument("--sr", choices=["none", "540p", "1080p"], default="none",
+                   help="latent super-resolution to 540p (896x512) or 1080p (1920x1088) (default none)")
+    g.add_argument("--seed", type=int, default=42, help="random seed (default 42, as upstream)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=["distill", "base"], default="distill",
+                   help="distill: 8 steps, no CFG (default); base: 32 steps with CFG")
+    m.add_argument("--steps", type=int, default=None, help="sampling steps of the base pass (default 8 / 32)")
+    m.add_argument("--vae", choices=["turbo", "wan"], default="turbo", help="video decoder (default turbo)")
+    m.add_argument("--weights", default=None, help="folder with the released weights (default $MAGIHUMAN_WEIGHTS or ./weights)")
+    m.add_argument("--tiny-random", action="store_true", help="tiny networks with random weights: try the pipeline without weights")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="output mp4 (default magihuman_<seconds>s_<WxH>.mp4)")
+    o.add_argument("--wav", action="store_true", help="also write the audio alone next to the mp4")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    r.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="bfloat16: the official numerics (default on GPU); float32: exact reference (default on CPU)")
+    r.add_argument("--offload", choices=["none", "model", "layers"], default="none",
+                   help="none: all on the GPU; model: one network at a time; layers: stream DiT layers (24 GB cards)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the DiT layers (default: on for CUDA)")
+    return p
+
+
+def _resolve(args):
+    """Validate the arguments and turn them into (Request, SampleConfig, output path)."""
+    import os
+    from pathlib import Path
+
+    if args.prompt_file:
+        try:
+            args.prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror})") from None
+    if not args.prompt or not args.prompt.strip():
+        raise InputError("the prompt is empty: pass --prompt \"...\" or --prompt-file FILE")
+    if args.seconds is not None and args.seconds <= 0:
+        raise InputError(f"--seconds must be a positive whole number, got {args.seconds}")
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    size = parse_size(args.size)
+    floored = tuple(16 * v for v in reversed(latent_size(*size)))
+    if floored != size:
+        print(f"note: size {size[0]}x{size[1]} is floored to {floored[0]}x{floored[1]} (multiples of 32, as upstream)")
+    image = read_image(args.image) if args.image else None
+    audio = read_audio(args.audio, args.seconds) if args.audio else None
+    seconds = args.seconds if (args.seconds is not None or audio is not None) else 4
+    if audio is not None and args.seconds is None:
+        seconds = None
+    cfg = preset(args.model)
+    if args.steps is not None:
+        cfg = replace(cfg, num_inference_steps=args.steps)
+    if args.sr != "none":
+        # Both official SR examples: SR model on, cond pass only (sr_cfg_number = 1).
+        cfg = replace(cfg, use_sr_model=True, sr_cfg_number=1)
+    req = Request(prompt=args.prompt, seconds=seconds, size=size, sr=args.sr, image=image, audio=audio,
+                  seed=args.seed, vae=args.vae)
+    out = args.out
+    if out is None:
+        secs = seconds if seconds is not None else round(len(audio) / AUDIO_RATE)
+        out = f"magihuman_{secs}s_{size[0]}x{size[1]}"
+        if args.sr != "none":
+            out += "_{}x{}".format(*sr_size_for(*size, args.sr))
+        out += ".mp4"
+    out = Path(out)
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise InputError(f"--out {out}: cannot write there (the folder must exist and be writable)")
+    return req, cfg, out
+
+
+def _check_weights(weights, args) -> None:
+    import load_weights as lw
+
+    models = [args.model] + ([f"{args.sr}_sr"] if args.sr != "none" else [])
+    missing = lw.missing_files(weights, models, args.vae, image=bool(args.image))
+    if missing:
+        raise InputError(f"weights folder {weights} is missing {', '.join(missing)}; fetch them with: "
+                         f"python load_weights.py download {weights}  (or use --tiny-random to try without weights)")
+
+
+def main(argv=None) -> int:
+    import os
+    import sys
+    from pathlib import Path
+
+    import load_weights as lw
+
+    args = build_parser().parse_args(argv)
+    try:
+        req, cfg, out = _resolve(args)
+        weights = Path(args.weights or os.environ.get("MAGIHUMAN_WEIGHTS", "weights"))
+        if not args.tiny_random:
+            _check_weights(weights, args)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        rank, sp = _init_distributed(device)
+        if sp is not None and device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        compile_ = args.compile if args.compile is not None else device.type == "cuda"
+        builders = tiny_builders(dtype) if args.tiny_random else release_builders(weights, args.model, args.sr, args.vae, dtype)
+        models = Models(builders, device, dtype, args.offload, compile_, sp)
+        timer = Timer(device)
+        text_weights = None if args.tiny_random else weights / lw.TEXT_DIR
+        result = generate(models, req, cfg, text_weights=text_weights, progress=not args.quiet and rank == 0,
+                          timer=timer, decode=rank == 0)
+        if rank == 0:
+            frames, audio = result
+            with timer("write"):
+                write_mp4(out, frames, audio, fps=cfg.fps)
+                if args.wav:
+                    write_wav(out.with_suffix(".wav"), audio)
+            print(f"wrote {out} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {cfg.fps} fps, "
+                  f"{audio.shape[0] / OUT_RATE:.2f} s of audio)")
+            print(format_timings(timer.times))
+    except (InputError, lw.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 2
+    finally:
+        _end_distributed()
+    return 0
+
+
+def format_timings(times: dict) -> str:
+    rows = [f"  {name:<14}{t:8.2f} s" for name, t in times.items()]
+    return "\n".join(["stage timings:"] + rows + [f"  {'total':<14}{sum(times.values()):8.2f} s"])
+
+
+def _init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group and split the DiT's sequence over the
+    ranks (model.SequenceParallel). Every rank draws the same noise (same seed, same order); only
+    rank 0 decodes and writes."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, None
+    import torch.distributed as dist
+    from model import SequenceParallel
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), SequenceParallel()
+
+
+def _end_distributed():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
