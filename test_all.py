@@ -1026,3 +1026,16 @@ def test_compiled_layers_equal_eager():
         out = dit(video, audio, text, [5])
     # float32 both ways; fusion reorders float32 sums, so ~1e-7 differences, nowhere near 1e-5.
     assert rel_l2(out[0], ref[0]) < 1e-5 and rel_l2(out[1], ref[1]) < 1e-5
+
+
+def test_dit_flops_match_spec_table():
+    """bench.dit_flops against spec dit §14's table (computed there independently, 4 significant digits)."""
+    from bench import dit_flops
+    from model import dit_config
+    cases = [  # (preset, T, h, w, Na, Nt, TFLOP)
+        ("base", 32, 16, 28, 126, 100, 95.06), ("base", 26, 16, 28, 101, 200, 78.60),
+        ("base", 26, 16, 28, 101, 640, 90.70), ("540p_sr", 26, 32, 56, 101, 200, 377.8),
+        ("1080p_sr", 26, 68, 120, 101, 200, 2923),
+    ]
+    for name, T, h, w, Na, Nt, tflop in cases:
+        assert abs(dit_flops(dit_config(name), T, h, w, Na, Nt) / 1e12 - tflop) / tflop < 5e-4, name

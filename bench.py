@@ -1,0 +1,315 @@
+"""Speed of every pipeline stage at the paper's shapes, against the official figures.
+
+    python bench.py                      # one GPU: full-size models (random weights), bf16, compiled
+    python bench.py --stages dit256,sr540 --no-compile
+    python bench.py --offload layers     # peak memory / slowdown of streaming the DiT's layers
+    torchrun --nproc-per-node 4 bench.py --stages sr540,sr1080   # sequence-parallel scaling
+    python bench.py --tiny               # CPU smoke run at a tiny size: eager vs compiled
+
+The official figures (README of GAIR-NLP/daVinci-MagiHuman, one H100, a 5 s clip): 256p 2.0 s (DiT
+1.6 s + decode 0.4 s), 540p 8.0 s (+ SR 5.1 s, decode 1.3 s), 1080p 38.4 s (+ SR 31.0 s, decode
+5.8 s). The shapes are theirs: 5 s = 126 frames = 32 latent frames; base 448x256, distilled, 8
+steps, no CFG; SR 5 steps, cond pass only (both official SR examples), 896x512 full attention and
+1920x1088 with 32 local-attention layers. Weights are random (no download needed): speed does not
+depend on their values. Times are CUDA-event medians over `--reps` runs after `--warmup` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+import model as dit_lib
+import sample
+import sr as sr_stage
+
+PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16 datasheet figure
+SECONDS = 5
+TEXT_TOKENS = 200  # a typical enhanced prompt (spec dit §14 uses 100-640)
+OFFICIAL_MS = {"dit256": 1600, "sr540": 5100, "sr1080": 31000, "turbo256": 400, "turbo540": 1300, "turbo1080": 5800}
+
+# ==================================================================================================
+# FLOPs (spec dit §14): matmuls of the 40 layers, attention, embedders and heads
+# ==================================================================================================
+
+
+def dit_flops(cfg: dit_lib.DiTConfig, T: int, h: int, w: int, num_audio: int, num_text: int) -> float:
+    """FLOPs of one DiT forward (multiply-add = 2), local attention counted by the pairs it visits."""
+    D, d, H, G = cfg.hidden_size, cfg.head_dim, cfg.num_heads_q, cfg.num_heads_kv
+    tpf = (h // 2) * (w // 2)
+    Nv = T * tpf
+    L = Nv + num_audio + num_text
+    qkv = H * d + 2 * G * d + (H if cfg.enable_attn_gating else 0)
+    per_token = 0
+    for i in range(cfg.num_layers):
+        inner = 4 * D if i in cfg.gelu7_layers else dit_lib.swiglu7_intermediate(D)
+        up = inner if i in cfg.gelu7_layers else 2 * inner
+        per_token += 2 * D * qkv + 2 * H * d * D + 2 * D * up + 2 * inner * D
+    # Local layers: video queries of frame i see video frames within +-R plus all audio/text keys.
+    R = cfg.frame_receptive_field
+    frames_seen = sum(min(T - 1, i + R) - max(0, i - R) + 1 for i in range(T))
+    local_pairs = tpf * tpf * frames_seen + Nv * (L - Nv) + (L - Nv) * L
+    attn = sum(4 * d * H * (local_pairs if i in cfg.local_attn_layers else L * L) for i in range(cfg.num_layers))
+    embed = 2 * D * (cfg.video_in_channels * Nv + cfg.audio_in_channels * num_audio + cfg.text_in_channels * num_text)
+    heads = 2 * D * (cfg.video_in_channels * Nv + cfg.audio_in_channels * num_audio)
+    return per_token * L + attn + embed + heads
+
+
+# ==================================================================================================
+# Timing
+# ==================================================================================================
+
+
+def time_ms(fn, device, warmup: int, reps: int) -> tuple[float, float]:
+    """(median ms, peak memory GiB) of fn() after `warmup` calls; CUDA events on GPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+@dataclass
+class Row:
+    stage: str
+    shape: str
+    ms: float
+    flops: float | None = None
+    official_ms: float | None = None
+    peak_gib: float = float("nan")
+    note: str = ""
+
+
+def format_table(rows: list[Row], device_name: str) -> str:
+    head = f"{'stage':<16}{'shape':<30}{'ms':>10}{'TFLOP':>9}{'TFLOP/s':>9}{'%peak':>7}{'official':>10}{'ratio':>7}{'peak GiB':>10}  note"
+    lines = [f"device: {device_name}", head, "-" * len(head)]
+    for r in rows:
+        tf = f"{r.flops / 1e12:9.1f}" if r.flops else f"{'-':>9}"
+        rate = r.flops / 1e12 / (r.ms / 1e3) if r.flops else None
+        rate_s = f"{rate:9.0f}" if rate is not None else f"{'-':>9}"
+        pct = f"{100 * rate / PEAK_BF16_TFLOPS:6.0f}%" if rate is not None else f"{'-':>7}"
+        off = f"{r.official_ms:10.0f}" if r.official_ms else f"{'-':>10}"
+        ratio = f"{r.ms / r.official_ms:7.2f}" if r.official_ms else f"{'-':>7}"
+        lines.append(f"{r.stage:<16}{r.shape:<30}{r.ms:10.1f}{tf}{rate_s}{pct}{off}{ratio}{r.peak_gib:10.1f}  {r.note}")
+    return "\n".join(lines)
+
+
+# ==================================================================================================
+# The stages
+# ==================================================================================================
+
+
+def random_dit(preset: str, device, dtype, tiny: bool, offload: str, compile: bool, sp=None):
+    """A DiT of a released preset (or its tiny twin) with random weights, placed as `offload` says."""
+    cfg = dit_lib.dit_config(preset)
+    if tiny:  # same features (coords style, local layers) at a few MB
+        cfg = dit_lib.dit_config("tiny", coords_style=cfg.coords_style, frame_receptive_field=2,
+                                 local_attn_layers=[1, 2] if cfg.local_attn_layers else [])
+    build_on = "cpu" if offload == "layers" else device
+    with torch.device("meta"):
+        dit = dit_lib.DiT(cfg, block_dtype=dtype)
+    dit = dit_lib.init_random_(dit.to_empty(device=build_on), seed=0).eval()
+    if offload == "layers":
+        dit_lib.LayerStreamer(dit, device)
+        for name_, child in dit.named_children():
+            if name_ != "block":
+                child.to(device)
+    if sp is not None:
+        sp.apply(dit)
+    if compile and offload != "layers":
+        dit_lib.compile_layers(dit)
+    return dit
+
+
+def text_features(cfg, device, n=TEXT_TOKENS):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn(1, n, cfg.text_in_channels, generator=g).to(device), torch.tensor([n])
+
+
+def bench_dit256(args, device, dtype, sp) -> Row:
+    """The distilled base pass: 8 steps, one forward each, at 448x256 (latent 32x16x28)."""
+    size = (64, 32) if args.tiny else (448, 256)
+    dit = random_dit("distill", device, dtype, args.tiny, args.offload, args.compile, sp)
+    text, tl = text_features(dit.cfg, device, 8 if args.tiny else TEXT_TOKENS)
+    cfg = sample.preset("distill")
+    frames = sample.num_frames_for(1 if args.tiny else SECONDS)
+    hw = sample.latent_size(*size)
+
+    def run():
+        sample.base_pass(dit, cfg, text, tl, num_frames=frames, latent_hw=hw,
+                         noise=sample.Noise(0, device), progress=False)
+
+    ms, peak = time_ms(run, device, args.warmup, args.reps)
+    T = sample.latent_length(frames)
+    flops = cfg.num_inference_steps * dit_flops(dit.cfg, T, *hw, frames, int(tl[0]))
+    del dit
+    return Row("dit256", f"8 x [{T},{hw[0]},{hw[1]}]+{frames}a+{int(tl[0])}t", ms, flops, OFFICIAL_MS["dit256"], peak)
+
+
+def bench_sr(args, device, dtype, sp, which: str) -> Row:
+    """The SR pass: 5 UniPC steps, cond only, at 896x512 (full) or 1920x1088 (local attention)."""
+    base = (64, 32) if args.tiny else (448, 256)
+    sr_w, sr_h = (128, 64) if args.tiny else sample.sr_size_for(*base, which)
+    dit = random_dit(f"{which}_sr", device, dtype, args.tiny, args.offload, args.compile, sp)
+    text, tl = text_features(dit.cfg, device, 8 if args.tiny else TEXT_TOKENS)
+    cfg = sample.preset(f"{which}_sr")
+    frames = sample.num_frames_for(1 if args.tiny else SECONDS)
+    T, (lh, lw), sr_hw = sample.latent_length(frames), sample.latent_size(*base), sample.latent_size(sr_w, sr_h)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    br_video = torch.randn(1, 48, T, lh, lw, generator=g).to(device)
+    br_audio = torch.randn(1, frames, 64, generator=g).to(device)
+
+    def run():
+        sr_stage.sr_pass(dit, cfg, br_video, br_audio, text, tl, sr_latent_hw=sr_hw,
+                         noise=sample.Noise(0, device), progress=False)
+
+    ms, peak = time_ms(run, device, args.warmup, args.reps)
+    flops = cfg.sr_num_inference_steps * dit_flops(dit.cfg, T, *sr_hw, frames, int(tl[0]))
+    del dit
+    name = f"sr{which[:-1]}"
+    return Row(name, f"5 x [{T},{sr_hw[0]},{sr_hw[1]}]+{frames}a+{int(tl[0])}t", ms, flops, OFFICIAL_MS[name], peak)
+
+
+def bench_decode(args, device, dtype, which: str) -> Row:
+    """Turbo VAE decode of a 5 s latent at the stage's size."""
+    import vae
+
+    sizes = {"256": (448, 256), "540": (896, 512), "1080": (1920, 1088)}
+    w, h = (64, 32) if args.tiny else sizes[which]
+    cfg = vae.TurboVAEDConfig.tiny() if args.tiny else vae.TurboVAEDConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        turbo = vae.TurboVAED(cfg).to(device=device, dtype=dtype).eval()
+    if args.compile:
+        turbo.decoder.compile(dynamic=False)
+    frames = sample.num_frames_for(1 if args.tiny else SECONDS)
+    lh, lw = sample.latent_size(w, h)
+    latent = torch.randn(1, 48, sample.latent_length(frames), lh, lw, device=device)
+    ms, peak = time_ms(lambda: turbo.decode(latent), device, args.warmup, args.reps)
+    name = f"turbo{which}"
+    return Row(name, f"[{latent.shape[2]},{lh},{lw}] -> {w}x{h}", ms, None, OFFICIAL_MS[name], peak)
+
+
+def bench_audio(args, device) -> Row:
+    import vae
+
+    cfg = vae.OobleckConfig.tiny() if args.tiny else vae.OobleckConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        audio_vae = vae.OobleckVAE(cfg).to(device).eval()  # fp32, as upstream
+    frames = sample.num_frames_for(1 if args.tiny else SECONDS)
+    latent = torch.randn(1, frames, 64, device=device)
+
+    def run():
+        vae.resample_to_44k(audio_vae.decode(latent))
+
+    ms, peak = time_ms(run, device, args.warmup, args.reps)
+    return Row("audio decode", f"{frames} latents -> 44.1 kHz", ms, None, None, peak, "incl. resample")
+
+
+def bench_text(args, device, dtype) -> Row:
+    import text_encoder as te
+
+    cfg = te.T5GemmaEncoderConfig.tiny() if args.tiny else te.T5GemmaEncoderConfig()
+    with torch.device("meta"):
+        enc = te.T5GemmaEncoder(cfg)
+    enc = enc.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.normal_(0, 0.02)
+    ids = torch.randint(4, cfg.vocab_size, (1, TEXT_TOKENS), device=device)
+    ms, peak = time_ms(lambda: enc(ids), device, args.warmup, args.reps)
+    return Row("text encode", f"{TEXT_TOKENS} tokens", ms, None, None, peak)
+
+
+STAGES = ("text", "dit256", "sr540", "sr1080", "turbo256", "turbo540", "turbo1080", "audio")
+
+
+def run_stages(args, device, dtype, sp=None) -> list[Row]:
+    rows = []
+    for stage in args.stages:
+        if stage == "text":
+            rows.append(bench_text(args, device, dtype))
+        elif stage == "dit256":
+            rows.append(bench_dit256(args, device, dtype, sp))
+        elif stage in ("sr540", "sr1080"):
+            rows.append(bench_sr(args, device, dtype, sp, stage[2:] + "p"))
+        elif stage.startswith("turbo"):
+            rows.append(bench_decode(args, device, dtype, stage[5:]))
+        elif stage == "audio":
+            rows.append(bench_audio(args, device))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny size (eager, then compiled)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per stage (median; default 3, tiny 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation happens here)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the DiT layers and the Turbo decoder")
+    p.add_argument("--offload", choices=["none", "layers"], default="none", help="stream the DiT layers from host memory")
+    args = p.parse_args(argv)
+    args.stages = [s for s in args.stages.split(",") if s]
+    bad = sorted(set(args.stages) - set(STAGES))
+    if bad:
+        p.error(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
+    args.reps = args.reps or (2 if args.tiny else 3)
+
+    if args.tiny:
+        device, dtype = torch.device("cpu"), torch.float32
+        tables = []
+        for compiled in (False, True):
+            args.compile = compiled
+            rows = run_stages(args, device, dtype)
+            tables.append(format_table(rows, f"CPU, tiny configs, {'compiled' if compiled else 'eager'}"))
+        print("\n\n".join(tables))
+        return 0
+
+    if not torch.cuda.is_available():
+        p.error("no CUDA device: the full-size benchmark needs a GPU (use --tiny for the CPU smoke run)")
+    sp = None
+    rank = 0
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+        sp, rank = dit_lib.SequenceParallel(), dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.backends.cuda.matmul.allow_tf32 = False  # as upstream (PyTorch's default)
+    rows = run_stages(args, device, torch.bfloat16, sp)
+    if rank == 0:
+        name = torch.cuda.get_device_name(device)
+        world = sp.world if sp is not None else 1
+        print(format_table(rows, f"{name} x{world}, bf16, compile={args.compile}, offload={args.offload}, "
+                                 f"{time.strftime('%Y-%m-%d')}"))
+    if sp is not None:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
