@@ -101,6 +101,7 @@ import math  # noqa: E402
 import pickle  # noqa: E402
 import tempfile  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 _VAE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -467,6 +468,23 @@ def test_turbo_decode_is_not_causal():
     assert rel_l2(model.decode(z[:, :, :8]), model.decode(z)[:, :, :29]) > 1e-3
 
 
+def test_vae_time_sliced_convs_match(monkeypatch):
+    """The 1080p memory guards (conv3d cut along time, Turbo norms in slices) change no number: forced
+    onto tiny inputs they agree with the one-call path up to float reassociation (~1e-6 after ~40 fp32
+    layers; a wrong slice boundary is O(1))."""
+    import vae
+
+    wan = _tiny_wan()
+    torch.manual_seed(1)
+    turbo = vae.TurboVAED(vae.TurboVAEDConfig.tiny()).eval()
+    z = torch.randn(1, 48, 3, 2, 3)
+    ref_wan, ref_turbo = wan.decode(z, frames_per_chunk=3), turbo.decode(z)
+    monkeypatch.setattr(vae, "CONV3D_MAX_ELEMENTS", 4000)  # a few frames per conv call
+    monkeypatch.setattr(vae, "_NORM_SLICE_ELEMENTS", 500)
+    assert rel_l2(wan.decode(z, frames_per_chunk=3), ref_wan) < 1e-5
+    assert rel_l2(turbo.decode(z), ref_turbo) < 1e-5
+
+
 def _encode_image_2d(model, image):
     """spec video_vae §3.7, written independently: one frame through the encoder as 2-D ops (each 3x3x3
     causal conv = its last temporal tap, time convs unused, AvgDown3D(ft=2) = zeros / 2x2 avg pool)."""
@@ -525,9 +543,6 @@ def test_image_to_tensor_crop_and_resize():
     out = vae.image_to_tensor(img, 256, 448)
     assert out.shape == (1, 3, 256, 448) and out.dtype == torch.float32
     assert torch.equal(out[0].permute(1, 2, 0), torch.from_numpy(2.0 * (expected / 255.0) - 1.0))
-
-
-import numpy as np  # noqa: E402
 
 
 def test_oobleck_a2v_long_audio_chunking():

@@ -121,10 +121,18 @@ def conv3d_sliced(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     t_out = (x.shape[2] - kt) // st + 1
     frame = max(x[:, :, 0].numel(), x.shape[0] * conv.out_channels * x.shape[3] * x.shape[4])
     n = max(1, (CONV3D_MAX_ELEMENTS // frame - kt) // st + 1)  # output frames per call
+
+    def conv_slice(i):  # output frames [i, i + n) read input frames [i*st, (i+n-1)*st + kt)
+        return F.conv3d(x[:, :, i * st : (i + n - 1) * st + kt], conv.weight, conv.bias, conv.stride, conv.padding)
+
     if n >= t_out:
-        return F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
-    parts = [x[:, :, i * st : (i + n - 1) * st + kt] for i in range(0, t_out, n)]
-    return torch.cat([F.conv3d(p, conv.weight, conv.bias, conv.stride, conv.padding) for p in parts], 2)
+        return conv_slice(0)
+    first = conv_slice(0)
+    out = first.new_empty(*first.shape[:2], t_out, *first.shape[3:])  # filled in place: no second copy
+    out[:, :, :n] = first
+    for i in range(n, t_out, n):
+        out[:, :, i : i + n] = conv_slice(i)
+    return out
 
 
 # ==================================================================================================
@@ -291,6 +299,8 @@ class AvgDown3D(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int):
         super().__init__()
         self.out_dim, self.ft, self.fs = out_dim, factor_t, factor_s
+        if (in_dim * factor_t * factor_s * factor_s) % out_dim:
+            raise ValueError(f"Wan VAE: an encoder stage {in_dim} -> {out_dim} cannot average-pool its shortcut (check dim_mult)")
         self.group = in_dim * factor_t * factor_s * factor_s // out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,6 +320,8 @@ class DupUp3D(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int):
         super().__init__()
         self.out_dim, self.ft, self.fs = out_dim, factor_t, factor_s
+        if (out_dim * factor_t * factor_s * factor_s) % in_dim:
+            raise ValueError(f"Wan VAE: a decoder stage {in_dim} -> {out_dim} cannot repeat its shortcut (check dim_mult)")
         self.repeats = out_dim * factor_t * factor_s * factor_s // in_dim
 
     def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
@@ -438,6 +450,10 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv2.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video [B, 3, T, H, W] in [-1, 1] -> normalised posterior mean [B, z, 1+(T-1)//4, H/16, W/16], fp32.
@@ -446,7 +462,7 @@ class WanVAE(nn.Module):
         """
         if video.dim() != 5 or video.shape[1] != 3 or video.shape[3] % 16 or video.shape[4] % 16:
             raise ValueError(f"Wan VAE encode expects [B, 3, T, H, W] with H, W multiples of 16, got {tuple(video.shape)}")
-        x = patchify(video.to(self.dtype))  # B 3 T (H 2) (W 2) -> B 12 T H W
+        x = patchify(video.to(self.device, self.dtype))  # B 3 T (H 2) (W 2) -> B 12 T H W
         n = 1 + (x.shape[2] - 1) // 4
         # official chunking: frame 0 alone, then 4 frames per latent frame, caches carried across
         chunks = [x[:, :, :1]] + [x[:, :, 1 + 4 * i : 5 + 4 * i] for i in range(n - 1)]
@@ -471,7 +487,7 @@ class WanVAE(nn.Module):
         """
         if latent.dim() != 5 or latent.shape[1] != self.cfg.z_dim:
             raise ValueError(f"Wan VAE decode expects [B, {self.cfg.z_dim}, T, h, w], got {tuple(latent.shape)}")
-        z = latent.to(self.dtype)
+        z = latent.to(self.device, self.dtype)
         mean, inv_std = latent_stats(z.dtype, z.device)
         z = self.conv2(z / inv_std + mean)  # de-normalise by dividing by 1/std, in the model dtype
         cache: dict = {}
@@ -546,6 +562,10 @@ class TurboVAEDConfig:
             raise ValueError("TurboVAED: only use_unpatchify=true with patch_size 2, patch_size_t 1 is supported")
         if self.first_chunk_size < 1 or self.step_size < 1:
             raise ValueError("TurboVAED: first_chunk_size and step_size must be >= 1")
+        n = len(self.decoder_block_out_channels)
+        if (len(self.decoder_layers_per_block), len(self.decoder_spatio_temporal_scaling), len(self.decoder_spatio_only)) != (n + 1, n, n):
+            raise ValueError("TurboVAED: decoder_layers_per_block needs one entry more than decoder_block_out_channels, "
+                             "the scaling / spatio_only lists as many")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TurboVAEDConfig":
@@ -699,6 +719,10 @@ class TurboVAED(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.decoder.conv_in.conv.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.conv.weight.device
+
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, output_device=None) -> torch.Tensor:
         """Normalised latent [B, 48, N, h, w] -> video [B, 3, 4(N-1)+1, 16h, 16w] in ~[-1, 1], fp32, *unclamped*.
@@ -711,7 +735,7 @@ class TurboVAED(nn.Module):
         cfg = self.cfg
         if latent.dim() != 5 or latent.shape[1] != cfg.latent_channels:
             raise ValueError(f"TurboVAED decode expects [B, {cfg.latent_channels}, N, h, w], got {tuple(latent.shape)}")
-        z = latent.to(self.dtype)  # rounded to the model dtype *before* de-normalising (official)
+        z = latent.to(self.device, self.dtype)  # rounded to the model dtype *before* de-normalising (official)
         mean, inv_std = latent_stats(torch.float32, z.device)  # fp32 constants even in bf16 (official)
         z = (z / inv_std + mean).to(self.dtype)
         first, step, r = cfg.first_chunk_size, cfg.step_size, cfg.temporal_compression_ratio
@@ -964,7 +988,9 @@ class OobleckVAE(nn.Module):
             raise ValueError("this OobleckVAE was built without its encoder")
         if audio.dim() != 3 or audio.shape[1] != self.cfg.io_channels or audio.shape[2] < self.cfg.hop:
             raise ValueError(f"audio encode expects [B, {self.cfg.io_channels}, S >= {self.cfg.hop}], got {tuple(audio.shape)}")
-        latent = vae_bottleneck(self.encoder(audio.float()), noise, generator)  # B 64 L
+        dev = self.encoder.layers[0].weight_v.device
+        noise = noise.to(dev) if noise is not None else None
+        latent = vae_bottleneck(self.encoder(audio.to(dev, torch.float32)), noise, generator)  # B 64 L
         return latent.transpose(1, 2)  # B 64 L -> B L 64
 
     @torch.no_grad()
@@ -974,7 +1000,8 @@ class OobleckVAE(nn.Module):
             raise ValueError("this OobleckVAE was built without its decoder")
         if latent.dim() != 3 or latent.shape[2] != self.cfg.latent_dim:
             raise ValueError(f"audio decode expects [B, N, {self.cfg.latent_dim}], got {tuple(latent.shape)}")
-        return self.decoder(latent.float().transpose(1, 2))  # B N 64 -> B 64 N -> B 2 (2048 N)
+        latent = latent.to(self.decoder.layers[0].weight_v.device, torch.float32)
+        return self.decoder(latent.transpose(1, 2))  # B N 64 -> B 64 N -> B 2 (2048 N)
 
     @torch.no_grad()
     def encode_a2v(self, mono: torch.Tensor, generator=None, window: int = A2V_WINDOW_SAMPLES) -> torch.Tensor:
