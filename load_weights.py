@@ -163,9 +163,11 @@ def wan_vae_from_state_dict(sd: dict, config=None, source: str = "Wan2.2 VAE sta
     return load_state_dict_strict(model, _tensor_dict(sd, source, "a Wan2.2 VAE state dict"), source).eval()
 
 
-def load_wan_vae(path, config=None):
-    """`<Wan2.2-TI2V-5B>/Wan2.2_VAE.pth`, a pickled plain state dict (read with weights_only=True)."""
-    return wan_vae_from_state_dict(read_torch(path), config, source=str(path))
+def load_wan_vae(path, dtype=torch.float32, device="cpu", config=None):
+    """`Wan2.2-TI2V-5B/Wan2.2_VAE.pth`, a pickled plain state dict (read with weights_only=True).
+    The pipeline asks for bf16, as the official `.to(bf16)`."""
+    model = wan_vae_from_state_dict(read_torch(path), config, source=str(path))
+    return model.to(device=device, dtype=dtype)
 
 
 def turbo_state_dict_from_ckpt(ckpt, source: str) -> dict[str, torch.Tensor]:
@@ -195,11 +197,13 @@ def turbo_vaed_from_state_dict(sd: dict, config=None, source: str = "TurboVAED s
     return load_state_dict_strict(model, _tensor_dict(sd, source, "a TurboVAED state dict"), source).eval()
 
 
-def load_turbo_vaed(ckpt_path, config_path):
-    """`turbo_vae/checkpoint-340000.ckpt` + `turbo_vae/TurboV3-Wan22-TinyShallow_7_7.json`."""
+def load_turbo_vaed(config_path, ckpt_path, dtype=torch.float32, device="cpu"):
+    """`turbo_vae/TurboV3-Wan22-TinyShallow_7_7.json` + `turbo_vae/checkpoint-340000.ckpt` (weights_only
+    read: a checkpoint holding anything but tensors and containers is refused). The pipeline asks for bf16."""
     config = _read_json(config_path)
     sd = turbo_state_dict_from_ckpt(read_torch(ckpt_path), source=str(ckpt_path))
-    return turbo_vaed_from_state_dict(sd, config, source=f"{ckpt_path} (config {config_path})")
+    model = turbo_vaed_from_state_dict(sd, config, source=f"{ckpt_path} (config {config_path})")
+    return model.to(device=device, dtype=dtype)
 
 
 def oobleck_config_from_json(cfg: dict, source: str = "model_config.json"):
@@ -239,12 +243,14 @@ def oobleck_from_state_dict(sd: dict, config, parts=("encoder", "decoder"), sour
     return load_state_dict_strict(model, sd, source).eval()
 
 
-def load_oobleck(weights_path, config_path, parts=("encoder", "decoder")):
-    """`stable-audio-open-1.0/model.safetensors` + `model_config.json`: only the VAE's tensors are read."""
+def load_audio_vae(folder, device="cpu", parts=("encoder", "decoder")):
+    """`stable-audio-open-1.0/` (its `model.safetensors` + `model_config.json`): only the VAE's tensors
+    are read. Always fp32, as upstream (it never casts the audio VAE)."""
     from safetensors import safe_open
 
+    folder = Path(folder)
+    config_path, path = folder / "model_config.json", folder / "model.safetensors"
     config = oobleck_config_from_json(_read_json(config_path), str(config_path))
-    path = Path(weights_path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
@@ -257,4 +263,4 @@ def load_oobleck(weights_path, config_path, parts=("encoder", "decoder")):
     if not names:
         raise CheckpointError(f"{path}: no '{SAO_PREFIX}{{{','.join(parts)}}}.*' tensors (not a Stable Audio Open checkpoint?)")
     sd = {k[len(SAO_PREFIX) :]: v for k, v in read_safetensors(path, names).items()}
-    return oobleck_from_state_dict(sd, config, parts, source=str(path))
+    return oobleck_from_state_dict(sd, config, parts, source=str(path)).to(device)

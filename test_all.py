@@ -135,7 +135,7 @@ def _golden_wan_vae(spec, tensors):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "Wan2.2_VAE.pth"
         torch.save(golden_weights(tensors), path)  # the release's format: a pickled plain state dict
-        model = lw.load_wan_vae(path, spec["config"])
+        model = lw.load_wan_vae(path, config=spec["config"])
     if spec["kind"] == "wan_vae_encode":
         run = lambda m, x: {"out.latent": m.encode(x["in.video"])}  # noqa: E731
     else:
@@ -167,7 +167,7 @@ def _golden_turbo_vaed(spec, tensors):
         ckpt, cfg_path = Path(d) / "checkpoint-340000.ckpt", Path(d) / "TurboV3-Wan22-TinyShallow_7_7.json"
         _write_turbo_ckpt(ckpt, golden_weights(tensors))
         cfg_path.write_text(json.dumps({**cfg, "aligned_blks_indices": [0, 1]}))  # + a training-only key
-        model = lw.load_turbo_vaed(ckpt, cfg_path)
+        model = lw.load_turbo_vaed(cfg_path, ckpt)
     run = lambda m, x: {"out.video": m.decode(x["in.latent"])}  # noqa: E731
     _vae_check(spec, tensors, run, model, "turbo_vaed_decode")
 
@@ -181,18 +181,18 @@ def _golden_oobleck(spec, tensors):
 
     encode = spec["kind"] == "oobleck_encode"
     with tempfile.TemporaryDirectory() as d:
-        weights, cfg_path = Path(d) / "model.safetensors", Path(d) / "model_config.json"
+        weights, cfg_path = Path(d) / "model.safetensors", Path(d) / "model_config.json"  # the release's names
         # the release's layout: the VAE under `pretransform.model.` beside the audio DiT's own tensors
         sd = {**golden_weights(tensors), "model.model.transformer.proj_in.weight": torch.zeros(2, 2)}
         save_file(sd, str(weights))
         sao = {"model_type": "diffusion_cond", "sample_rate": spec["config"]["sample_rate"],
                "model": {"pretransform": {"type": "autoencoder", "config": spec["config"]["model"]}}}  # fmt: skip
         cfg_path.write_text(json.dumps(sao))
-        model = lw.load_oobleck(weights, cfg_path, parts=("encoder",) if encode else ("decoder",))
+        model = lw.load_audio_vae(d, parts=("encoder",) if encode else ("decoder",))
 
     def run(m, x):
         if encode:  # golden latents are in the VAE's [1, 64, L] layout; ours is [1, L, 64]
-            latent = m.encode(x["in.audio"], noise=x["in.noise"]).transpose(1, 2)
+            latent = m.encode(x["in.audio"], eps=x["in.noise"]).transpose(1, 2)
             return {"out.pre_bottleneck": m.encoder(x["in.audio"]), "out.latent": latent}
         audio = m.decode(x["in.latent"].transpose(1, 2))
         return {"out.audio": audio, "out.audio_44k": torch.from_numpy(vae.resample_to_44k(audio))}
@@ -355,7 +355,7 @@ def test_vae_strict_loading_names_key_and_file(tmp_path):
     cfg_path.write_text(json.dumps({"decoder_block_out_channels": list(cfg.decoder_block_out_channels), "_class_name": "TurboVAED"}))
     good = tmp_path / "good.ckpt"
     _write_turbo_ckpt(good, sd)
-    model = lw.load_turbo_vaed(good, cfg_path)
+    model = lw.load_turbo_vaed(cfg_path, good)
     assert torch.equal(model.decoder.conv_out.conv.weight, sd["decoder.conv_out.conv.weight"])
     broken = dict(sd)
     del broken["decoder.conv_in.conv.bias"]
@@ -364,14 +364,14 @@ def test_vae_strict_loading_names_key_and_file(tmp_path):
     bad = tmp_path / "bad.ckpt"
     _write_turbo_ckpt(bad, broken)
     with pytest.raises(lw.CheckpointError) as e:
-        lw.load_turbo_vaed(bad, cfg_path)
+        lw.load_turbo_vaed(cfg_path, bad)
     msg = str(e.value)
     assert str(bad) in msg and "decoder.conv_in.conv.bias" in msg and "decoder.extra.weight" in msg
     assert "decoder.conv_out.conv.weight has shape (3, 3, 3, 3, 3)" in msg
     no_ema = tmp_path / "no_ema.ckpt"
     torch.save({"state_dict": sd}, no_ema)
     with pytest.raises(lw.CheckpointError, match="ema_state_dict"):
-        lw.load_turbo_vaed(no_ema, cfg_path)
+        lw.load_turbo_vaed(cfg_path, no_ema)
 
 
 class _NotATensor:
@@ -394,7 +394,7 @@ def test_vae_ckpt_with_pickled_object_is_refused(tmp_path):
     plain.write_bytes(pickle.dumps({"ema_state_dict": _NotATensor()}))
     for path in (with_obj, plain):
         with pytest.raises(lw.CheckpointError, match="refused to load") as e:
-            lw.load_turbo_vaed(path, cfg_path)
+            lw.load_turbo_vaed(cfg_path, path)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -477,10 +477,10 @@ def test_vae_time_sliced_convs_match(monkeypatch):
     wan = _tiny_wan()
     torch.manual_seed(1)
     turbo = vae.TurboVAED(vae.TurboVAEDConfig.tiny()).eval()
-    z = torch.randn(1, 48, 3, 2, 3)
+    z = torch.randn(1, 48, 3, 1, 2)
     ref_wan, ref_turbo = wan.decode(z, frames_per_chunk=3), turbo.decode(z)
-    monkeypatch.setattr(vae, "CONV3D_MAX_ELEMENTS", 4000)  # a few frames per conv call
-    monkeypatch.setattr(vae, "_NORM_SLICE_ELEMENTS", 500)
+    monkeypatch.setattr(vae, "CONV3D_MAX_ELEMENTS", 20000)  # a few frames per conv call at the widest layers
+    monkeypatch.setattr(vae, "_NORM_SLICE_ELEMENTS", 5000)
     assert rel_l2(wan.decode(z, frames_per_chunk=3), ref_wan) < 1e-5
     assert rel_l2(turbo.decode(z), ref_turbo) < 1e-5
 
@@ -545,6 +545,17 @@ def test_image_to_tensor_crop_and_resize():
     assert torch.equal(out[0].permute(1, 2, 0), torch.from_numpy(2.0 * (expected / 255.0) - 1.0))
 
 
+class _Draws:
+    """A noise source like the pipeline's (`randn(shape, name)`), logging what was drawn."""
+
+    def __init__(self, seed):
+        self.gen, self.log = torch.Generator().manual_seed(seed), []
+
+    def randn(self, shape, name):
+        self.log.append((name, tuple(shape)))
+        return torch.randn(shape, generator=self.gen)
+
+
 def test_oobleck_a2v_long_audio_chunking():
     """spec sampling §6 / audio_text §2.3 with a small window: chunks every window/2, zero-padded tail,
     own noise per chunk in order, cross-fade merge (re-done here as the official per-frame loop),
@@ -553,17 +564,19 @@ def test_oobleck_a2v_long_audio_chunking():
 
     torch.manual_seed(0)
     model = vae.OobleckVAE(vae.OobleckConfig.tiny()).eval()
-    hop, window = 2048, 9 * 2048  # 9 latents per window (odd, like the released 725): overlap 4, step 5
-    audio = torch.randn(2 * window + 5000) * 0.3
-    got = model.encode_a2v(audio, generator=torch.Generator().manual_seed(7), window=window)
+    hop, window = 2048, 5 * 2048  # 5 latents per window (odd, like the released 725): overlap 2, step 3
+    audio = torch.randn(2 * window + 3000) * 0.3
+    draws = _Draws(7)
+    got = model.encode_a2v(audio, noise=draws, window=window)
     assert got.shape == (1, math.ceil(audio.shape[0] / hop), 64)
+    assert draws.log == [("audio_posterior", (1, 64, 5))] * 4  # one draw per chunk, VAE layout
 
     gen, feats = torch.Generator().manual_seed(7), []
     for start in range(0, audio.shape[0], window // 2):
         chunk = torch.zeros(window)
         piece = audio[start : start + window]
         chunk[: piece.shape[0]] = piece
-        feats.append(model.encode(chunk[None, None].expand(1, 2, -1), generator=gen))
+        feats.append(model.encode(chunk[None, None].expand(1, 2, -1), eps=torch.randn(1, 64, 5, generator=gen)))
         if start + window >= audio.shape[0]:
             break
     assert len(feats) == 4

@@ -164,7 +164,7 @@ class WanVAEConfig:
 
     @classmethod
     def tiny(cls) -> "WanVAEConfig":
-        """A few-thousand-parameter model with the released structure (for --tiny-random runs and tests)."""
+        """About 1M parameters with the released structure (for --tiny-random runs and tests)."""
         return cls(dim=8, dec_dim=8)
 
 
@@ -184,6 +184,7 @@ class CausalConv3d(nn.Conv3d):
         self.front = 2 * padding[0]  # frames of history this conv needs
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        # 1x1x1 convs and the stride-2 down-sampling time conv have no time padding: no history needed
         if self.front > 0:
             prev = cache.get(self) if cache is not None else None
             if prev is None:  # start of the sequence: zero history
@@ -229,9 +230,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         r = self.residual
-        h = r[2](r[1](r[0](x)), cache)
+        # each 3x3x3 conv keeps its own history: the last frames of its input (after the SiLU)
+        h = r[2](r[1](r[0](x)), cache)  # B Cin T H W -> B Cout T H W
         h = r[6](r[5](r[4](r[3](h))), cache)
-        return h + self.shortcut(x)
+        return h + self.shortcut(x)  # the 1x1x1 shortcut needs no history
 
 
 class AttentionBlock(nn.Module):
@@ -247,7 +249,10 @@ class AttentionBlock(nn.Module):
         b, c, t, h, w = x.shape
         y = x.transpose(1, 2).reshape(b * t, c, h, w)  # B C T H W -> (B T) C H W
         qkv = self.to_qkv(self.norm(y)).view(b * t, 1, 3 * c, h * w)  # -> (B T) 1 3C (H W)
+        # q = channels [0, C), k = [C, 2C), v = [2C, 3C): one head whose dimension is all C channels
         q, k, v = qkv.transpose(2, 3).chunk(3, dim=-1)  # each (B T) 1 (H W) C
+        # head dim 640/1024 is too wide for flash attention: SDPA picks mem-efficient or math kernels,
+        # which is fine (one latent frame at a time; 8160 tokens at 1080p)
         y = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C)
         y = y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)  # (B T) (H W) C -> (B T) C H W
         y = self.proj(y)
@@ -282,11 +287,12 @@ class Resample(nn.Module):
                     x = torch.cat([head, interleave_time(self.time_conv(rest, cache))], 2)
             else:
                 x = interleave_time(self.time_conv(x, cache))  # B 2C T H W -> B C 2T H W
-        x = per_frame(self.resample, x)
+        x = per_frame(self.resample, x)  # B C T H W -> B C T 2H 2W (up) or B C T H/2 W/2 (down)
         if self.mode == "downsample3d":
             # Frame 0 passes alone (1 image frame -> 1 latent frame); later outputs take the stride-2
             # windows (0,1,2), (2,3,4), ... over the whole sequence, carried across chunks by one frame.
-            seq = x if first_chunk else torch.cat([cache[self], x], 2)
+            seq = x if first_chunk else torch.cat([cache[self], x], 2)  # B C (1 + T) H W
+            # the official first chunk skips the time conv entirely (its input is a single frame)
             out = self.time_conv(seq) if seq.shape[2] >= 3 else seq[:, :, :0]
             cache[self] = x[:, :, -1:].clone()
             x = torch.cat([x[:, :, :1], out], 2) if first_chunk else out
@@ -349,6 +355,8 @@ class Down_ResidualBlock(nn.Module):
         self.downsamples = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor, cache: dict, first_chunk: bool) -> torch.Tensor:
+        # the shortcut pads each chunk on its own; the official chunks (1 frame, then 4 or 2) make that
+        # the same as padding the whole sequence once
         shortcut = self.avg_shortcut(x)
         for m in self.downsamples:
             x = m(x, cache, first_chunk) if isinstance(m, Resample) else m(x, cache)
@@ -397,11 +405,11 @@ class Encoder3d(nn.Module):
         self.head = nn.Sequential(RMS_norm(c, images=False), nn.SiLU(), CausalConv3d(c, 2 * cfg.z_dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: dict, first_chunk: bool) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for stage in self.downsamples:
+        x = self.conv1(x, cache)  # B 12 T H W -> B dim T H W
+        for stage in self.downsamples:  # H, W halve at every stage but the last; T at the *3d ones
             x = stage(x, cache, first_chunk)
-        x = self.middle[2](self.middle[1](self.middle[0](x, cache)), cache)
-        return self.head[2](self.head[1](self.head[0](x)), cache)
+        x = self.middle[2](self.middle[1](self.middle[0](x, cache)), cache)  # RB, attention, RB
+        return self.head[2](self.head[1](self.head[0](x)), cache)  # norm, SiLU, conv -> B 2z T' H' W'
 
 
 class Decoder3d(nn.Module):
@@ -426,11 +434,11 @@ class Decoder3d(nn.Module):
         self.head = nn.Sequential(RMS_norm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 12, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: dict, first_chunk: bool) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        x = self.middle[2](self.middle[1](self.middle[0](x, cache)), cache)
-        for stage in self.upsamples:
+        x = self.conv1(x, cache)  # B z T h w -> B 4dec T h w
+        x = self.middle[2](self.middle[1](self.middle[0](x, cache)), cache)  # RB, attention, RB
+        for stage in self.upsamples:  # x2 in H, W per stage but the last; x2 in T at the *3d ones
             x = stage(x, cache, first_chunk)
-        return self.head[2](self.head[1](self.head[0](x)), cache)
+        return self.head[2](self.head[1](self.head[0](x)), cache)  # -> B 12 T' 8h 8w
 
 
 class WanVAE(nn.Module):
@@ -466,9 +474,10 @@ class WanVAE(nn.Module):
         n = 1 + (x.shape[2] - 1) // 4
         # official chunking: frame 0 alone, then 4 frames per latent frame, caches carried across
         chunks = [x[:, :, :1]] + [x[:, :, 1 + 4 * i : 5 + 4 * i] for i in range(n - 1)]
-        cache: dict = {}
-        h = torch.cat([self.encoder(c, cache, first_chunk=(i == 0)) for i, c in enumerate(chunks)], 2)
+        cache: dict = {}  # per-conv history, empty = start of the sequence
+        h = torch.cat([self.encoder(c, cache, first_chunk=(i == 0)) for i, c in enumerate(chunks)], 2)  # B 2z n h w
         mu = self.conv1(h)[:, : self.cfg.z_dim]  # log-variance discarded: the mean, never a sample
+        # normalised in the model dtype (all-bf16 in the pipeline), converted to fp32 only at the end
         mean, inv_std = latent_stats(mu.dtype, mu.device)
         return ((mu - mean) * inv_std).float()
 
@@ -490,11 +499,12 @@ class WanVAE(nn.Module):
         z = latent.to(self.device, self.dtype)
         mean, inv_std = latent_stats(z.dtype, z.device)
         z = self.conv2(z / inv_std + mean)  # de-normalise by dividing by 1/std, in the model dtype
-        cache: dict = {}
+        cache: dict = {}  # per-conv history carried from chunk to chunk
         chunks = range(0, z.shape[2], frames_per_chunk)
+        # the first chunk's latent frame 0 becomes pixel frame 0 alone; every later latent gives 4 frames
         out = [self.decoder(z[:, :, i : i + frames_per_chunk], cache, first_chunk=(i == 0)) for i in chunks]
         video = unpatchify(torch.cat(out, 2))  # B 12 T' h' w' -> B 3 T' (h' 2) (w' 2)
-        return video.float().clamp_(-1.0, 1.0)
+        return video.float().clamp_(-1.0, 1.0)  # only the Wan path clamps (Turbo does not)
 
 
 def image_to_tensor(image, height: int, width: int) -> torch.Tensor:
@@ -514,6 +524,7 @@ def image_to_tensor(image, height: int, width: int) -> torch.Tensor:
             new_w, new_h = int(h * width / height), h
         # float box as in the official code; PIL rounds each coordinate (half to even)
         image = image.crop(((w - new_w) / 2, (h - new_h) / 2, (w + new_w) / 2, (h + new_h) / 2))
+    # sizes are multiples of 16 already, so the processor's own rounding is a no-op
     image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     x = torch.from_numpy(np.array(image).astype(np.float32) / 255.0)  # H W 3 in [0, 1]
     return (2.0 * x - 1.0).permute(2, 0, 1)[None]  # H W 3 -> 1 3 H W
@@ -589,7 +600,7 @@ class TurboConv3d(nn.Module):
         self.conv = nn.Conv3d(in_dim, out_dim, k, padding=(0, k[1] // 2, k[2] // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = (self.conv.kernel_size[0] - 1) // 2
+        p = (self.conv.kernel_size[0] - 1) // 2  # 1 for the 3x3x3 and (3,1,1) convs, 0 for 1x1x1
         if p > 0:
             x = torch.cat([x[:, :, :1]] * p + [x] + [x[:, :, -1:]] * p, 2)  # B C (p + T + p) H W
         return conv3d_sliced(self.conv, x)
@@ -603,9 +614,10 @@ def turbo_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean_c(x^2) + eps) with no weight; statistics and product in fp32, rounded once to x's
     dtype (official numerics). Done in time slices so the fp32 copies stay small at 1080p."""
     out = torch.empty_like(x)
-    step = max(1, _NORM_SLICE_ELEMENTS // max(1, x[:, :, 0].numel()))
+    step = max(1, _NORM_SLICE_ELEMENTS // max(1, x[:, :, 0].numel()))  # frames per slice
     for t in range(0, x.shape[2], step):
-        xs = x[:, :, t : t + step].float()
+        xs = x[:, :, t : t + step].float()  # bf16 -> fp32 is exact, like the official type promotion
+        # the product stays fp32 until the assignment rounds it to out's dtype (the official `.to(dtype)`)
         out[:, :, t : t + step] = xs * torch.rsqrt(xs.square().mean(1, keepdim=True) + eps)
     return out
 
@@ -623,9 +635,13 @@ class TurboResnetBlock(nn.Module):
         self.conv_shortcut = TurboConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Activations run in place on the norms' fresh outputs, and `h` is rebound before each conv so the
+        # previous tensor is freed: at 1080p every activation-sized buffer is 4.8 GB.
         h = turbo_rms_norm(x, 1e-8)  # norm1 and norm2 use a hard-coded 1e-8, only norm3 uses eps
-        h = self.conv1(F.relu(h) if self.relu_first else F.silu(h))
-        h = self.conv2(F.silu(turbo_rms_norm(h, 1e-8)))  # dropout 0 omitted
+        h = F.relu_(h) if self.relu_first else F.silu(h, inplace=True)
+        h = self.conv1(h)  # B Cin T H W -> B Cout T H W
+        h = F.silu(turbo_rms_norm(h, 1e-8), inplace=True)  # the second activation is always SiLU
+        h = self.conv2(h)  # dropout 0 omitted
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(turbo_rms_norm(x, self.eps))
         return h + x
@@ -700,10 +716,11 @@ class TurboDecoder3d(nn.Module):
         self.patch_size = cfg.patch_size
 
     def forward(self, z: torch.Tensor, first_chunk: bool) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        x = self.mid_block(self.conv_in(z))  # B 48 n h w -> B 512 n h w
+        # released: up0 512 (x2 T, H, W), up1 256 (x2 T, H, W), up2 128 (x2 H, W only), up3 64 (no scaling)
         for block in self.up_blocks:
             x = block(x, first_chunk)
-        x = self.conv_out(F.silu(turbo_rms_norm(x, 1e-8)))
+        x = self.conv_out(F.silu(turbo_rms_norm(x, 1e-8)))  # final weightless norm, SiLU -> B 12 T 8h 8w
         return unpatchify(x, self.patch_size)  # B (3 r q) T H W -> B 3 T (H q) (W r)
 
 
@@ -740,6 +757,7 @@ class TurboVAED(nn.Module):
         z = (z / inv_std + mean).to(self.dtype)
         first, step, r = cfg.first_chunk_size, cfg.step_size, cfg.temporal_compression_ratio
         n = z.shape[2]
+        # pad to first + k*step latents (at least `first`) so the windows tile the sequence exactly
         pad = first - n if n < first else (-(n - first)) % step
         # pad the end with copies of the last latent: this changes the last real frames too (official)
         z = torch.cat([z, z[:, :, -1:].expand(-1, -1, pad, -1, -1)], 2)
@@ -748,16 +766,18 @@ class TurboVAED(nn.Module):
         def keep(x):
             return x.to(output_device) if output_device is not None else x
 
-        if total == first:
+        if total == first:  # a single window, no context to trim: 4*first - 3 frames
             chunks = [keep(self.decoder(z, first_chunk=True))]
         else:
+            # first window: latents [0, first] with one latent of right context, whose 4 frames are dropped
             chunks = [keep(self.decoder(z[:, :, : first + 1], first_chunk=True)[:, :, :-r])]
             for i in range(first, total, step):
                 last = i + step == total
+                # one latent of left context always, of right context unless this is the last window
                 out = self.decoder(z[:, :, i - 1 : i + step + (0 if last else 1)], first_chunk=False)
-                chunks.append(keep(out[:, :, r:] if last else out[:, :, r:-r]))
-        video = torch.cat(chunks, 2)
-        return video[:, :, : video.shape[2] - pad * r].float()
+                chunks.append(keep(out[:, :, r:] if last else out[:, :, r:-r]))  # 4*step frames kept
+        video = torch.cat(chunks, 2)  # B 3 4(total-1)+1 H W
+        return video[:, :, : video.shape[2] - pad * r].float()  # drop the padding's frames -> 4(n-1)+1
 
 
 # ==================================================================================================
@@ -886,10 +906,14 @@ class ResidualUnit(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the official unit runs through torch.utils.checkpoint (the module is never put in eval mode);
+        # that changes memory during training only, not the numbers
         return x + self.layers(x)
 
 
 class EncoderBlock(nn.Module):
+    """Three residual units at the input width (dilations 1, 3, 9), Snake, then a strided conv down."""
+
     def __init__(self, in_dim: int, out_dim: int, stride: int):
         super().__init__()
         self.layers = nn.Sequential(
@@ -905,6 +929,8 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
+    """Snake, a strided transposed conv up (output_padding 0), then three residual units at the output width."""
+
     def __init__(self, in_dim: int, out_dim: int, stride: int):
         super().__init__()
         self.layers = nn.Sequential(
@@ -925,6 +951,7 @@ class OobleckEncoder(nn.Module):
     def __init__(self, cfg: OobleckConfig):
         super().__init__()
         ch = [cfg.channels * m for m in (1, *cfg.c_mults)]  # the official code prefixes c_mults with 1
+        # each strided conv maps L to floor(L / s) (even strides): S samples -> S // 2048 latents
         self.layers = nn.Sequential(
             WNConv1d(cfg.io_channels, ch[0], 7, padding=3),
             *[EncoderBlock(ch[i], ch[i + 1], s) for i, s in enumerate(cfg.strides)],
@@ -943,6 +970,7 @@ class OobleckDecoder(nn.Module):
         super().__init__()
         ch = [cfg.channels * m for m in (1, *cfg.c_mults)]
         n = len(cfg.strides)
+        # widest first; each transposed conv maps L to exactly L * s
         self.layers = nn.Sequential(
             WNConv1d(cfg.latent_dim, ch[-1], 7, padding=3),
             *[DecoderBlock(ch[i], ch[i - 1], cfg.strides[i - 1]) for i in range(n, 0, -1)],
@@ -955,17 +983,17 @@ class OobleckDecoder(nn.Module):
         return self.layers(x)
 
 
-def vae_bottleneck(pre: torch.Tensor, noise: torch.Tensor | None = None, generator=None) -> torch.Tensor:
-    """Sample the posterior: mean + eps * (softplus(scale) + 1e-4), eps ~ N(0, 1) drawn in [B, 64, L].
+def vae_bottleneck(pre: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample the posterior: mean + eps * (softplus(scale) + 1e-4), eps ~ N(0, 1) of shape [B, 64, L].
 
-    The official encode *samples* (it does not return the mean), drawing one randn_like(mean) from the
-    device's global RNG; pass `noise` to supply that draw, or a `generator` to draw it from.
+    The official encode *samples* (it does not return the mean): one randn_like(mean) from the device's
+    global RNG, which is what eps=None does. Pass `eps` to supply that draw.
     """
-    mean, scale = pre.chunk(2, dim=1)
-    stdev = F.softplus(scale) + 1e-4
-    if noise is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return noise * stdev + mean
+    mean, scale = pre.chunk(2, dim=1)  # B 128 L -> 2 x B 64 L
+    stdev = F.softplus(scale) + 1e-4  # torch defaults (beta 1, threshold 20); the KL term is not computed
+    if eps is None:
+        eps = torch.randn_like(mean)
+    return eps.to(mean) * stdev + mean  # no latent scale or shift: the SAO pretransform scale is 1
 
 
 class OobleckVAE(nn.Module):
@@ -979,18 +1007,18 @@ class OobleckVAE(nn.Module):
         self.decoder = OobleckDecoder(cfg) if "decoder" in parts else None
 
     @torch.no_grad()
-    def encode(self, audio: torch.Tensor, noise=None, generator=None) -> torch.Tensor:
+    def encode(self, audio: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """Waveform [B, 2, S] -> sampled latent [B, S // 2048, 64] (pipeline layout, time first).
 
-        `noise`, if given, is the bottleneck's draw in the VAE's own layout [B, 64, S // 2048].
+        `eps`, if given, is the bottleneck's standard-normal draw, in the VAE's own layout [B, 64, S // 2048]
+        (the layout the official randn_like draws in, so a seeded generator reproduces it).
         """
         if self.encoder is None:
             raise ValueError("this OobleckVAE was built without its encoder")
         if audio.dim() != 3 or audio.shape[1] != self.cfg.io_channels or audio.shape[2] < self.cfg.hop:
             raise ValueError(f"audio encode expects [B, {self.cfg.io_channels}, S >= {self.cfg.hop}], got {tuple(audio.shape)}")
         dev = self.encoder.layers[0].weight_v.device
-        noise = noise.to(dev) if noise is not None else None
-        latent = vae_bottleneck(self.encoder(audio.to(dev, torch.float32)), noise, generator)  # B 64 L
+        latent = vae_bottleneck(self.encoder(audio.to(dev, torch.float32)), eps)  # B 64 L
         return latent.transpose(1, 2)  # B 64 L -> B L 64
 
     @torch.no_grad()
@@ -1004,27 +1032,31 @@ class OobleckVAE(nn.Module):
         return self.decoder(latent.transpose(1, 2))  # B N 64 -> B 64 N -> B 2 (2048 N)
 
     @torch.no_grad()
-    def encode_a2v(self, mono: torch.Tensor, generator=None, window: int = A2V_WINDOW_SAMPLES) -> torch.Tensor:
-        """A2V input audio [S] (mono, 51.2 kHz, as loaded by ffmpeg) -> latent [1, L, 64] (spec sampling §6).
+    def encode_a2v(self, mono: torch.Tensor, noise=None, window: int = A2V_WINDOW_SAMPLES) -> torch.Tensor:
+        """A2V input audio [S] (mono, 51.2 kHz, int16-quantised by the ffmpeg load) -> latent [1, L, 64]
+        (spec sampling §6).
 
         Up to `window` samples: one call, L = S // 2048. Longer: windows of `window` samples every
         window/2, each zero-padded at the end to full length and sampled with its own noise (drawn in
         order), merged with a linear cross-fade over the overlap, trimmed to ceil(S / 2048) latents.
+        `noise` supplies the posterior draws: any object with `randn(shape, name)` (the pipeline's
+        `sample.Noise`); None draws from the device's global RNG like the official code.
         """
         if mono.dim() != 1:
             raise ValueError(f"encode_a2v expects a mono waveform [S], got {tuple(mono.shape)}")
         s = mono.shape[0]
 
-        def stereo(a):  # S -> 1 2 S: mono duplicated into two identical channels (official)
-            return a.float()[None, None].expand(1, 2, -1)
+        def encode_mono(a):  # one posterior sample of a mono clip
+            eps = None if noise is None else noise.randn((1, self.cfg.latent_dim, a.shape[0] // self.cfg.hop), "audio_posterior")
+            return self.encode(a.float()[None, None].expand(1, 2, -1), eps)  # S -> 1 2 S: mono duplicated (official)
 
         if s <= window:
-            return self.encode(stereo(mono), generator=generator)
+            return encode_mono(mono)
         step = window // 2
         feats = []
         for start in range(0, s, step):
             chunk = F.pad(mono[start : start + window], (0, max(0, start + window - s)))  # zero-pad the tail
-            feats.append(self.encode(stereo(chunk), generator=generator))  # 1 L 64
+            feats.append(encode_mono(chunk))  # 1 L 64
             if start + window >= s:
                 break
         merged = merge_overlapping(feats)
