@@ -138,8 +138,9 @@ SAO_PREFIX = "pretransform.model."
 
 
 def _tensor_dict(obj, source: str, what: str) -> dict[str, torch.Tensor]:
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{source}: expected {what} (a dict of name -> tensor), got {type(obj).__name__}")
+    ok = isinstance(obj, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    if not ok:
+        raise CheckpointError(f"{source}: expected {what} (a dict name -> tensor), got {type(obj).__name__}")
     return obj
 
 
@@ -261,6 +262,6 @@ def load_audio_vae(folder, device="cpu", parts=("encoder", "decoder")):
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if not names:
-        raise CheckpointError(f"{path}: no '{SAO_PREFIX}{{{','.join(parts)}}}.*' tensors (not a Stable Audio Open checkpoint?)")
+        raise CheckpointError(f"{path}: no '{SAO_PREFIX}*' tensors (not a Stable Audio Open checkpoint?)")
     sd = {k[len(SAO_PREFIX) :]: v for k, v in read_safetensors(path, names).items()}
     return oobleck_from_state_dict(sd, config, parts, source=str(path)).to(device)

@@ -181,12 +181,13 @@ def _golden_oobleck(spec, tensors):
 
     encode = spec["kind"] == "oobleck_encode"
     with tempfile.TemporaryDirectory() as d:
-        weights, cfg_path = Path(d) / "model.safetensors", Path(d) / "model_config.json"  # the release's names
-        # the release's layout: the VAE under `pretransform.model.` beside the audio DiT's own tensors
+        # the release's file names and layout: the VAE under `pretransform.model.` beside the audio DiT
+        weights, cfg_path = Path(d) / "model.safetensors", Path(d) / "model_config.json"
         sd = {**golden_weights(tensors), "model.model.transformer.proj_in.weight": torch.zeros(2, 2)}
         save_file(sd, str(weights))
+        pretransform = {"type": "autoencoder", "config": spec["config"]["model"]}
         sao = {"model_type": "diffusion_cond", "sample_rate": spec["config"]["sample_rate"],
-               "model": {"pretransform": {"type": "autoencoder", "config": spec["config"]["model"]}}}  # fmt: skip
+               "model": {"pretransform": pretransform}}  # fmt: skip
         cfg_path.write_text(json.dumps(sao))
         model = lw.load_audio_vae(d, parts=("encoder",) if encode else ("decoder",))
 
@@ -314,7 +315,8 @@ def _oobleck_expected_keys(ch=128, mults=(1, 1, 2, 4, 8, 16), strides=(2, 4, 4, 
         keys[f"decoder.layers.{b}.layers.1.bias"] = (cout,)
         for r in range(3):
             p = f"decoder.layers.{b}.layers.{r + 2}.layers."
-            snake(p + "0.", cout), wn(p + "1.", cout, cout, 7), snake(p + "2.", cout), wn(p + "3.", cout, cout, 1)
+            snake(p + "0.", cout), wn(p + "1.", cout, cout, 7)
+            snake(p + "2.", cout), wn(p + "3.", cout, cout, 1)
     snake("decoder.layers.6.", c[0]), wn("decoder.layers.7.", 2, c[0], 7, bias=False)
     return keys
 
@@ -331,7 +333,8 @@ def test_vae_key_tables_released_configs():
         wan, turbo, audio = vae.WanVAE(), vae.TurboVAED(), vae.OobleckVAE()
     wan_keys, turbo_keys, audio_keys = _shapes(wan), _shapes(turbo), _shapes(audio)
     assert wan_keys == _wan_expected_keys()
-    assert sum(k.startswith("encoder.") for k in wan_keys) == 84 and sum(k.startswith("decoder.") for k in wan_keys) == 108
+    assert sum(k.startswith("encoder.") for k in wan_keys) == 84
+    assert sum(k.startswith("decoder.") for k in wan_keys) == 108
     assert len(wan_keys) == 196 and sum(p.numel() for p in wan.parameters()) == 704_688_668
     assert sum(p.numel() for p in wan.encoder.parameters()) == 149_627_776
     assert sum(p.numel() for p in wan.decoder.parameters()) == 555_049_228
@@ -352,7 +355,8 @@ def test_vae_strict_loading_names_key_and_file(tmp_path):
     cfg = vae.TurboVAEDConfig.tiny()
     sd = vae.TurboVAED(cfg).state_dict()
     cfg_path = tmp_path / "turbo.json"
-    cfg_path.write_text(json.dumps({"decoder_block_out_channels": list(cfg.decoder_block_out_channels), "_class_name": "TurboVAED"}))
+    widths = list(cfg.decoder_block_out_channels)
+    cfg_path.write_text(json.dumps({"decoder_block_out_channels": widths, "_class_name": "TurboVAED"}))
     good = tmp_path / "good.ckpt"
     _write_turbo_ckpt(good, sd)
     model = lw.load_turbo_vaed(cfg_path, good)
@@ -414,7 +418,8 @@ def test_vae_shape_rules_released_configs():
         assert turbo.decoder(z, first_chunk=True).shape == (1, 3, 4 * n - 3, 16, 32)
         assert turbo.decoder(z, first_chunk=False).shape == (1, 3, 4 * n, 16, 32)
     for n in (1, 5, 7, 8, 14, 15, 21, 22, 26, 63):
-        assert turbo.decode(torch.empty(1, 48, n, 1, 1, device="meta")).shape == (1, 3, 4 * (n - 1) + 1, 16, 16)
+        video = turbo.decode(torch.empty(1, 48, n, 1, 1, device="meta"))
+        assert video.shape == (1, 3, 4 * (n - 1) + 1, 16, 16)
     with pytest.raises(ValueError, match="multiples of 16"):
         wan.encode(torch.empty(1, 3, 1, 40, 48, device="meta"))
     with pytest.raises(ValueError, match="expects"):
@@ -539,7 +544,8 @@ def test_image_to_tensor_crop_and_resize():
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8))
-    expected = np.asarray(img.crop((10, 0, 1270, 720)).resize((448, 256), Image.Resampling.LANCZOS), np.float32)
+    expected = img.crop((10, 0, 1270, 720)).resize((448, 256), Image.Resampling.LANCZOS)
+    expected = np.asarray(expected, np.float32)
     out = vae.image_to_tensor(img, 256, 448)
     assert out.shape == (1, 3, 256, 448) and out.dtype == torch.float32
     assert torch.equal(out[0].permute(1, 2, 0), torch.from_numpy(2.0 * (expected / 255.0) - 1.0))
@@ -576,7 +582,8 @@ def test_oobleck_a2v_long_audio_chunking():
         chunk = torch.zeros(window)
         piece = audio[start : start + window]
         chunk[: piece.shape[0]] = piece
-        feats.append(model.encode(chunk[None, None].expand(1, 2, -1), eps=torch.randn(1, 64, 5, generator=gen)))
+        eps = torch.randn(1, 64, 5, generator=gen)
+        feats.append(model.encode(chunk[None, None].expand(1, 2, -1), eps=eps))
         if start + window >= audio.shape[0]:
             break
     assert len(feats) == 4

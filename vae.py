@@ -123,7 +123,8 @@ def conv3d_sliced(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     n = max(1, (CONV3D_MAX_ELEMENTS // frame - kt) // st + 1)  # output frames per call
 
     def conv_slice(i):  # output frames [i, i + n) read input frames [i*st, (i+n-1)*st + kt)
-        return F.conv3d(x[:, :, i * st : (i + n - 1) * st + kt], conv.weight, conv.bias, conv.stride, conv.padding)
+        xs = x[:, :, i * st : (i + n - 1) * st + kt]
+        return F.conv3d(xs, conv.weight, conv.bias, conv.stride, conv.padding)
 
     if n >= t_out:
         return conv_slice(0)
@@ -306,7 +307,7 @@ class AvgDown3D(nn.Module):
         super().__init__()
         self.out_dim, self.ft, self.fs = out_dim, factor_t, factor_s
         if (in_dim * factor_t * factor_s * factor_s) % out_dim:
-            raise ValueError(f"Wan VAE: an encoder stage {in_dim} -> {out_dim} cannot average-pool its shortcut (check dim_mult)")
+            raise ValueError(f"Wan VAE: stage {in_dim} -> {out_dim} cannot pool its shortcut (dim_mult?)")
         self.group = in_dim * factor_t * factor_s * factor_s // out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,7 +328,7 @@ class DupUp3D(nn.Module):
         super().__init__()
         self.out_dim, self.ft, self.fs = out_dim, factor_t, factor_s
         if (out_dim * factor_t * factor_s * factor_s) % in_dim:
-            raise ValueError(f"Wan VAE: a decoder stage {in_dim} -> {out_dim} cannot repeat its shortcut (check dim_mult)")
+            raise ValueError(f"Wan VAE: stage {in_dim} -> {out_dim} cannot copy its shortcut (dim_mult?)")
         self.repeats = out_dim * factor_t * factor_s * factor_s // in_dim
 
     def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
@@ -394,15 +395,16 @@ class Encoder3d(nn.Module):
         n = len(cfg.dim_mult)
         tdown = list(cfg.temperal_downsample) + [False] * n
         self.conv1 = CausalConv3d(12, dims[0], 3, padding=1)
-        self.downsamples = nn.Sequential(
-            *[
-                Down_ResidualBlock(dims[i], dims[i + 1], cfg.dropout, cfg.num_res_blocks, tdown[i], i != n - 1)
-                for i in range(n)
-            ]
-        )
+        p = cfg.dropout
+        stages = [
+            Down_ResidualBlock(dims[i], dims[i + 1], p, cfg.num_res_blocks, tdown[i], down_flag=i != n - 1)
+            for i in range(n)
+        ]
+        self.downsamples = nn.Sequential(*stages)
         c = dims[-1]
-        self.middle = nn.Sequential(ResidualBlock(c, c, cfg.dropout), AttentionBlock(c), ResidualBlock(c, c, cfg.dropout))
-        self.head = nn.Sequential(RMS_norm(c, images=False), nn.SiLU(), CausalConv3d(c, 2 * cfg.z_dim, 3, padding=1))
+        self.middle = nn.Sequential(ResidualBlock(c, c, p), AttentionBlock(c), ResidualBlock(c, c, p))
+        head_conv = CausalConv3d(c, 2 * cfg.z_dim, 3, padding=1)
+        self.head = nn.Sequential(RMS_norm(c, images=False), nn.SiLU(), head_conv)
 
     def forward(self, x: torch.Tensor, cache: dict, first_chunk: bool) -> torch.Tensor:
         x = self.conv1(x, cache)  # B 12 T H W -> B dim T H W
@@ -421,17 +423,17 @@ class Decoder3d(nn.Module):
         dims = [cfg.dec_dim * u for u in (mult[-1], *mult[::-1])]
         n = len(mult)
         tup = list(cfg.temperal_downsample[::-1]) + [False] * n
-        c = dims[0]
+        c, p = dims[0], cfg.dropout
         self.conv1 = CausalConv3d(cfg.z_dim, c, 3, padding=1)
-        self.middle = nn.Sequential(ResidualBlock(c, c, cfg.dropout), AttentionBlock(c), ResidualBlock(c, c, cfg.dropout))
+        self.middle = nn.Sequential(ResidualBlock(c, c, p), AttentionBlock(c), ResidualBlock(c, c, p))
         # num_res_blocks + 1 residual blocks per decoder stage (official)
-        self.upsamples = nn.Sequential(
-            *[
-                Up_ResidualBlock(dims[i], dims[i + 1], cfg.dropout, cfg.num_res_blocks + 1, tup[i], i != n - 1)
-                for i in range(n)
-            ]
-        )
-        self.head = nn.Sequential(RMS_norm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 12, 3, padding=1))
+        stages = [
+            Up_ResidualBlock(dims[i], dims[i + 1], p, cfg.num_res_blocks + 1, tup[i], up_flag=i != n - 1)
+            for i in range(n)
+        ]
+        self.upsamples = nn.Sequential(*stages)
+        c = dims[-1]
+        self.head = nn.Sequential(RMS_norm(c, images=False), nn.SiLU(), CausalConv3d(c, 12, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: dict, first_chunk: bool) -> torch.Tensor:
         x = self.conv1(x, cache)  # B z T h w -> B 4dec T h w
@@ -469,13 +471,15 @@ class WanVAE(nn.Module):
         Frames past 1 + 4*((T-1)//4) are dropped silently, as the official encode does.
         """
         if video.dim() != 5 or video.shape[1] != 3 or video.shape[3] % 16 or video.shape[4] % 16:
-            raise ValueError(f"Wan VAE encode expects [B, 3, T, H, W] with H, W multiples of 16, got {tuple(video.shape)}")
+            shape = tuple(video.shape)
+            raise ValueError(f"Wan VAE encode expects [B, 3, T, H, W], H and W multiples of 16; got {shape}")
         x = patchify(video.to(self.device, self.dtype))  # B 3 T (H 2) (W 2) -> B 12 T H W
         n = 1 + (x.shape[2] - 1) // 4
         # official chunking: frame 0 alone, then 4 frames per latent frame, caches carried across
         chunks = [x[:, :, :1]] + [x[:, :, 1 + 4 * i : 5 + 4 * i] for i in range(n - 1)]
         cache: dict = {}  # per-conv history, empty = start of the sequence
-        h = torch.cat([self.encoder(c, cache, first_chunk=(i == 0)) for i, c in enumerate(chunks)], 2)  # B 2z n h w
+        h = [self.encoder(c, cache, first_chunk=i == 0) for i, c in enumerate(chunks)]
+        h = torch.cat(h, 2)  # n x B 2z 1 h w -> B 2z n h w
         mu = self.conv1(h)[:, : self.cfg.z_dim]  # log-variance discarded: the mean, never a sample
         # normalised in the model dtype (all-bf16 in the pipeline), converted to fp32 only at the end
         mean, inv_std = latent_stats(mu.dtype, mu.device)
@@ -495,7 +499,8 @@ class WanVAE(nn.Module):
         any value gives the same numbers since every cached conv equals the full-sequence conv).
         """
         if latent.dim() != 5 or latent.shape[1] != self.cfg.z_dim:
-            raise ValueError(f"Wan VAE decode expects [B, {self.cfg.z_dim}, T, h, w], got {tuple(latent.shape)}")
+            shape = tuple(latent.shape)
+            raise ValueError(f"Wan VAE decode expects [B, {self.cfg.z_dim}, T, h, w]; got {shape}")
         z = latent.to(self.device, self.dtype)
         mean, inv_std = latent_stats(z.dtype, z.device)
         z = self.conv2(z / inv_std + mean)  # de-normalise by dividing by 1/std, in the model dtype
@@ -570,13 +575,16 @@ class TurboVAEDConfig:
         if self.decoder_causal:
             raise ValueError("TurboVAED: decoder_causal must be false (the official code asserts it)")
         if not self.use_unpatchify or self.patch_size != 2 or self.patch_size_t != 1:
-            raise ValueError("TurboVAED: only use_unpatchify=true with patch_size 2, patch_size_t 1 is supported")
+            raise ValueError("TurboVAED: only use_unpatchify, patch_size 2, patch_size_t 1 are supported")
         if self.first_chunk_size < 1 or self.step_size < 1:
             raise ValueError("TurboVAED: first_chunk_size and step_size must be >= 1")
         n = len(self.decoder_block_out_channels)
-        if (len(self.decoder_layers_per_block), len(self.decoder_spatio_temporal_scaling), len(self.decoder_spatio_only)) != (n + 1, n, n):
-            raise ValueError("TurboVAED: decoder_layers_per_block needs one entry more than decoder_block_out_channels, "
-                             "the scaling / spatio_only lists as many")
+        lens = len(self.decoder_layers_per_block), len(self.decoder_spatio_temporal_scaling)
+        if lens + (len(self.decoder_spatio_only),) != (n + 1, n, n):
+            raise ValueError(
+                "TurboVAED: decoder_layers_per_block needs one entry more than decoder_block_out_channels, "
+                "decoder_spatio_temporal_scaling and decoder_spatio_only as many"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> "TurboVAEDConfig":
@@ -660,7 +668,7 @@ class TurboResample(nn.Module):
         if self.time_conv is not None:
             x = interleave_time(self.time_conv(x))  # B 2C T H W -> B C 2T H W
             if first_chunk:
-                # pixel frame 0 is the odd (second-half channel) output of latent frame 0; its even one is dropped
+                # pixel frame 0 = the odd (second-half channel) output of latent frame 0; the even is dropped
                 x = x[:, :, 1:]
         return per_frame(self.resample, x)
 
@@ -684,7 +692,8 @@ class TurboUpBlock(nn.Module):
         self.conv_in = TurboResnetBlock(in_dim, out_dim, eps) if in_dim != out_dim else None
         self.upsamplers = nn.ModuleList([TurboResample(out_dim, temporal=not spatio_only)]) if scale else None
         # the resnets of up-sampling blocks start with ReLU, everything else with SiLU (official)
-        self.resnets = nn.ModuleList([TurboResnetBlock(out_dim, out_dim, eps, relu_first=scale) for _ in range(num_layers)])
+        resnets = [TurboResnetBlock(out_dim, out_dim, eps, relu_first=scale) for _ in range(num_layers)]
+        self.resnets = nn.ModuleList(resnets)
 
     def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
         if self.conv_in is not None:
@@ -709,9 +718,11 @@ class TurboDecoder3d(nn.Module):
         self.conv_in = TurboConv3d(cfg.latent_channels, widths[0], 3)
         self.mid_block = TurboMidBlock(widths[0], layers[0], eps)
         dims = [widths[0], *widths]
-        self.up_blocks = nn.ModuleList(
-            [TurboUpBlock(dims[i], dims[i + 1], layers[i + 1], eps, scale[i], only2d[i]) for i in range(len(widths))]
-        )
+        blocks = [
+            TurboUpBlock(dims[i], dims[i + 1], layers[i + 1], eps, scale[i], only2d[i])
+            for i in range(len(widths))
+        ]
+        self.up_blocks = nn.ModuleList(blocks)
         self.conv_out = TurboConv3d(widths[-1], cfg.out_channels * cfg.patch_size**2, 3)
         self.patch_size = cfg.patch_size
 
@@ -742,7 +753,7 @@ class TurboVAED(nn.Module):
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, output_device=None) -> torch.Tensor:
-        """Normalised latent [B, 48, N, h, w] -> video [B, 3, 4(N-1)+1, 16h, 16w] in ~[-1, 1], fp32, *unclamped*.
+        """Normalised latent [B, 48, N, h, w] -> video [B, 3, 4(N-1)+1, 16h, 16w], fp32, *unclamped*.
 
         The windows are part of the numerics (the decoder is not causal and sees several latents):
         first window [0, F+1), then [i-1, i+S+1) for i = F, F+S, ..., the last one [i-1, i+S); one latent
@@ -751,8 +762,10 @@ class TurboVAED(nn.Module):
         """
         cfg = self.cfg
         if latent.dim() != 5 or latent.shape[1] != cfg.latent_channels:
-            raise ValueError(f"TurboVAED decode expects [B, {cfg.latent_channels}, N, h, w], got {tuple(latent.shape)}")
-        z = latent.to(self.device, self.dtype)  # rounded to the model dtype *before* de-normalising (official)
+            shape = tuple(latent.shape)
+            raise ValueError(f"TurboVAED decode expects [B, {cfg.latent_channels}, N, h, w]; got {shape}")
+        # rounded to the model dtype *before* de-normalising, as upstream
+        z = latent.to(self.device, self.dtype)
         mean, inv_std = latent_stats(torch.float32, z.device)  # fp32 constants even in bf16 (official)
         z = (z / inv_std + mean).to(self.dtype)
         first, step, r = cfg.first_chunk_size, cfg.step_size, cfg.temporal_compression_ratio
@@ -814,9 +827,10 @@ class OobleckConfig:
                 raise ValueError("only oobleck encoder/decoder with a 'vae' bottleneck is supported")
             if not ec.get("use_snake", False) or not dc.get("use_snake", False):
                 raise ValueError("only use_snake=true is supported")
-            if dc.get("use_nearest_upsample", False) or dc.get("antialias_activation", False) or ec.get("antialias_activation", False):
+            if dc.get("use_nearest_upsample") or any(c.get("antialias_activation") for c in (ec, dc)):
                 raise ValueError("nearest-upsample and anti-aliased variants are not supported")
-            if ec["channels"] != dc["channels"] or list(ec["c_mults"]) != list(dc["c_mults"]) or list(ec["strides"]) != list(dc["strides"]):
+            shared = ("channels", "c_mults", "strides")
+            if any(ec[k] != dc[k] for k in shared):  # both sides come from the same JSON types
                 raise ValueError("encoder and decoder must share channels, c_mults and strides")
             io = d.get("io_channels", 2)
             if ec.get("in_channels", io) != io or dc.get("out_channels", io) != io:
@@ -830,7 +844,7 @@ class OobleckConfig:
                 strides=tuple(ec["strides"]),
                 latent_dim=dc["latent_dim"],
                 encoder_latent_dim=ec["latent_dim"],
-                final_tanh=dc.get("final_tanh", True),  # stable-audio-tools' default is true; SAO 1.0 sets false
+                final_tanh=dc.get("final_tanh", True),  # the library default is true; SAO 1.0 sets false
                 sample_rate=sample_rate,
             )
         except (KeyError, TypeError) as e:
@@ -872,7 +886,7 @@ class WNConv1d(nn.Module):
     def __init__(self, in_dim, out_dim, kernel_size, stride=1, padding=0, dilation=1, bias=True):
         super().__init__()
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1, 1))
-        self.weight_v = nn.Parameter(torch.randn(out_dim, in_dim, kernel_size))  # random init: only its direction matters
+        self.weight_v = nn.Parameter(torch.randn(out_dim, in_dim, kernel_size))  # only its direction counts
         self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
@@ -902,7 +916,10 @@ class ResidualUnit(nn.Module):
     def __init__(self, dim: int, dilation: int):
         super().__init__()
         self.layers = nn.Sequential(
-            SnakeBeta(dim), WNConv1d(dim, dim, 7, dilation=dilation, padding=3 * dilation), SnakeBeta(dim), WNConv1d(dim, dim, 1)
+            SnakeBeta(dim),
+            WNConv1d(dim, dim, 7, dilation=dilation, padding=3 * dilation),
+            SnakeBeta(dim),
+            WNConv1d(dim, dim, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -921,7 +938,7 @@ class EncoderBlock(nn.Module):
             ResidualUnit(in_dim, 3),
             ResidualUnit(in_dim, 9),
             SnakeBeta(in_dim),
-            WNConv1d(in_dim, out_dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),  # L -> L/stride
+            WNConv1d(in_dim, out_dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),  # L -> L / s
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -929,13 +946,14 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Snake, a strided transposed conv up (output_padding 0), then three residual units at the output width."""
+    """Snake, a strided transposed conv up (output_padding 0), then three residual units at the new width."""
 
     def __init__(self, in_dim: int, out_dim: int, stride: int):
         super().__init__()
         self.layers = nn.Sequential(
             SnakeBeta(in_dim),
-            WNConvTranspose1d(in_dim, out_dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),  # L -> L*stride
+            # L -> L * s exactly
+            WNConvTranspose1d(in_dim, out_dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),
             ResidualUnit(out_dim, 1),
             ResidualUnit(out_dim, 3),
             ResidualUnit(out_dim, 9),
@@ -1016,7 +1034,8 @@ class OobleckVAE(nn.Module):
         if self.encoder is None:
             raise ValueError("this OobleckVAE was built without its encoder")
         if audio.dim() != 3 or audio.shape[1] != self.cfg.io_channels or audio.shape[2] < self.cfg.hop:
-            raise ValueError(f"audio encode expects [B, {self.cfg.io_channels}, S >= {self.cfg.hop}], got {tuple(audio.shape)}")
+            want = f"[B, {self.cfg.io_channels}, S >= {self.cfg.hop}]"
+            raise ValueError(f"audio encode expects {want}; got {tuple(audio.shape)}")
         dev = self.encoder.layers[0].weight_v.device
         latent = vae_bottleneck(self.encoder(audio.to(dev, torch.float32)), eps)  # B 64 L
         return latent.transpose(1, 2)  # B 64 L -> B L 64
@@ -1047,8 +1066,9 @@ class OobleckVAE(nn.Module):
         s = mono.shape[0]
 
         def encode_mono(a):  # one posterior sample of a mono clip
-            eps = None if noise is None else noise.randn((1, self.cfg.latent_dim, a.shape[0] // self.cfg.hop), "audio_posterior")
-            return self.encode(a.float()[None, None].expand(1, 2, -1), eps)  # S -> 1 2 S: mono duplicated (official)
+            shape = (1, self.cfg.latent_dim, a.shape[0] // self.cfg.hop)
+            eps = None if noise is None else noise.randn(shape, "audio_posterior")
+            return self.encode(a.float()[None, None].expand(1, 2, -1), eps)  # S -> 1 2 S: mono duplicated
 
         if s <= window:
             return encode_mono(mono)
