@@ -125,8 +125,9 @@ def materialize_meta(module: nn.Module, device="cpu") -> nn.Module:
 # Mirrors `inference/model/vae2_2/vae2_2_model.py`, `inference/model/turbo_vaed/turbo_vaed_model.py` and
 # `inference/model/sa_audio/sa_audio_model.py`. Each format has a path loader (what the pipeline calls)
 # and an in-memory loader (what the golden harness calls); the path loader ends in the in-memory one.
-# The returned modules are fp32 on CPU; the caller moves them (`.to(device, torch.bfloat16)` for the two
-# video models, as the official pipeline does; the audio VAE stays fp32).
+# The in-memory loaders return fp32 modules on CPU in eval mode; the path loaders then move them to the
+# requested device and dtype (bf16 for the two video models in the pipeline, as upstream; the audio VAE
+# is always fp32, upstream never casts it).
 
 # The key mapping, as data. Wan: none (plain state_dict, no prefix). Turbo: the EMA dict's DDP prefix is
 # stripped and the training-only feature-alignment heads are dropped. SAO: only keys under the

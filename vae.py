@@ -22,7 +22,7 @@ checkpoint readers are in load_weights.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -501,6 +501,8 @@ class WanVAE(nn.Module):
         if latent.dim() != 5 or latent.shape[1] != self.cfg.z_dim:
             shape = tuple(latent.shape)
             raise ValueError(f"Wan VAE decode expects [B, {self.cfg.z_dim}, T, h, w]; got {shape}")
+        if frames_per_chunk < 1:
+            raise ValueError(f"frames_per_chunk must be >= 1, got {frames_per_chunk}")
         z = latent.to(self.device, self.dtype)
         mean, inv_std = latent_stats(z.dtype, z.device)
         z = self.conv2(z / inv_std + mean)  # de-normalise by dividing by 1/std, in the model dtype
