@@ -385,6 +385,7 @@ class _NotATensor:
         return (print, ("unpickling ran code",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the plain-pickle file, before it is refused
 def test_vae_ckpt_with_pickled_object_is_refused(tmp_path):
     import load_weights as lw
     import vae
