@@ -436,6 +436,145 @@ def cached_text_features(weights_dir, text: str, compute, variant: str = "", cac
 
 
 # ==================================================================================================
+# Video and audio VAEs: Wan2.2_VAE.pth, TurboVAED .ckpt + json, Stable Audio Open safetensors + json
+# ==================================================================================================
+# Mirrors `inference/model/vae2_2/vae2_2_model.py`, `inference/model/turbo_vaed/turbo_vaed_model.py` and
+# `inference/model/sa_audio/sa_audio_model.py`. Each format has a path loader (what the pipeline calls)
+# and an in-memory loader (what the golden harness calls); the path loader ends in the in-memory one.
+# The in-memory loaders return fp32 modules on CPU in eval mode; the path loaders then move them to the
+# requested device and dtype (bf16 for the two video models in the pipeline, as upstream; the audio VAE
+# is always fp32, upstream never casts it).
+
+# The key mapping, as data. Wan: none (plain state_dict, no prefix). Turbo: the EMA dict's DDP prefix is
+# stripped and the training-only feature-alignment heads are dropped. SAO: only keys under the
+# pretransform prefix belong to the VAE (the rest of model.safetensors is the audio DiT and conditioners).
+TURBO_EMA_KEY = "ema_state_dict"
+TURBO_STRIP_PREFIX = "module."
+TURBO_DROP_PREFIXES = ("aligned_feature_projection_heads.",)
+SAO_PREFIX = "pretransform.model."
+
+
+def _tensor_dict(obj, source: str, what: str) -> dict[str, torch.Tensor]:
+    ok = isinstance(obj, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    if not ok:
+        raise CheckpointError(f"{source}: expected {what} (a dict name -> tensor), got {type(obj).__name__}")
+    return obj
+
+
+def wan_vae_from_state_dict(sd: dict, config=None, source: str = "Wan2.2 VAE state dict"):
+    """Wan2.2 VAE (encoder + decoder, 196 keys for the released config) from a plain state dict."""
+    from vae import WanVAE, WanVAEConfig
+
+    config = config if isinstance(config, WanVAEConfig) else WanVAEConfig.from_dict(config or {})
+    with torch.device("meta"):
+        model = WanVAE(config)
+    return load_state_dict_strict(model, _tensor_dict(sd, source, "a Wan2.2 VAE state dict"), source).eval()
+
+
+def load_wan_vae(path, dtype=torch.float32, device="cpu", config=None):
+    """`Wan2.2-TI2V-5B/Wan2.2_VAE.pth`, a pickled plain state dict (read with weights_only=True).
+    The pipeline asks for bf16, as the official `.to(bf16)`."""
+    model = wan_vae_from_state_dict(read_torch(path), config, source=str(path))
+    return model.to(device=device, dtype=dtype)
+
+
+def turbo_state_dict_from_ckpt(ckpt, source: str) -> dict[str, torch.Tensor]:
+    """The decoder weights of a Turbo-VAED training checkpoint: its EMA dict, `module.` stripped (only where
+    present, as the official loader does), the training-only alignment heads dropped."""
+    if not isinstance(ckpt, dict) or TURBO_EMA_KEY not in ckpt:
+        raise CheckpointError(f"{source}: not a TurboVAED checkpoint (no '{TURBO_EMA_KEY}' entry)")
+    ema = _tensor_dict(ckpt[TURBO_EMA_KEY], source, f"'{TURBO_EMA_KEY}'")
+    sd = {}
+    for k, v in ema.items():
+        k = k[len(TURBO_STRIP_PREFIX) :] if k.startswith(TURBO_STRIP_PREFIX) else k
+        if not k.startswith(TURBO_DROP_PREFIXES):
+            sd[k] = v
+    return sd
+
+
+def turbo_vaed_from_state_dict(sd: dict, config=None, source: str = "TurboVAED state dict"):
+    """TurboVAED (80 `decoder.*` keys for the released config) from a stripped state dict + config dict."""
+    from vae import TurboVAED, TurboVAEDConfig
+
+    try:
+        config = config if isinstance(config, TurboVAEDConfig) else TurboVAEDConfig.from_dict(config or {})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: bad TurboVAED config ({e})") from None
+    with torch.device("meta"):
+        model = TurboVAED(config)
+    return load_state_dict_strict(model, _tensor_dict(sd, source, "a TurboVAED state dict"), source).eval()
+
+
+def load_turbo_vaed(config_path, ckpt_path, dtype=torch.float32, device="cpu"):
+    """`turbo_vae/TurboV3-Wan22-TinyShallow_7_7.json` + `turbo_vae/checkpoint-340000.ckpt` (weights_only
+    read: a checkpoint holding anything but tensors and containers is refused). The pipeline asks for bf16."""
+    config = _read_json(config_path)
+    sd = turbo_state_dict_from_ckpt(read_torch(ckpt_path), source=str(ckpt_path))
+    model = turbo_vaed_from_state_dict(sd, config, source=f"{ckpt_path} (config {config_path})")
+    return model.to(device=device, dtype=dtype)
+
+
+def oobleck_config_from_json(cfg: dict, source: str = "model_config.json"):
+    """SAO `model_config.json` -> OobleckConfig. Accepts the released text-to-audio layout
+    (`model.pretransform.config`) and a stand-alone autoencoder config (`model_type` "autoencoder")."""
+    from vae import OobleckConfig
+
+    try:
+        if cfg.get("model_type") == "autoencoder":
+            ae = cfg["model"]
+        else:
+            pre = cfg["model"]["pretransform"]
+            if pre.get("type") != "autoencoder" or "pretransform" in pre.get("config", {}):
+                raise ValueError("the pretransform must be a plain (not nested) autoencoder")
+            ae = pre["config"]
+        return OobleckConfig.from_dict(ae, sample_rate=cfg.get("sample_rate", 44100))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{source}: no autoencoder config found ({e!r})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def oobleck_from_state_dict(sd: dict, config, parts=("encoder", "decoder"), source: str = "SAO state dict"):
+    """OobleckVAE from keys *after* `pretransform.model.` (e.g. `decoder.layers.0.weight_g`).
+
+    Only the requested `parts` are built and loaded; keys of the other part are ignored, anything else
+    must match exactly. `config` is an OobleckConfig or a model_config.json dict.
+    """
+    from vae import OobleckConfig, OobleckVAE
+
+    config = config if isinstance(config, OobleckConfig) else oobleck_config_from_json(config, source)
+    sd = _tensor_dict(sd, source, "an audio VAE state dict")
+    other = tuple(f"{p}." for p in ("encoder", "decoder") if p not in parts)
+    sd = {k: v for k, v in sd.items() if not (other and k.startswith(other))}
+    with torch.device("meta"):
+        model = OobleckVAE(config, parts=parts)
+    return load_state_dict_strict(model, sd, source).eval()
+
+
+def load_audio_vae(folder, device="cpu", parts=("encoder", "decoder")):
+    """`stable-audio-open-1.0/` (its `model.safetensors` + `model_config.json`): only the VAE's tensors
+    are read. Always fp32, as upstream (it never casts the audio VAE)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config_path, path = folder / "model_config.json", folder / "model.safetensors"
+    config = oobleck_config_from_json(_read_json(config_path), str(config_path))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            # everything under the prefix except the part not asked for: strays still fail the strict load
+            skip = tuple(f"{SAO_PREFIX}{p}." for p in ("encoder", "decoder") if p not in parts)
+            names = [k for k in f.keys() if k.startswith(SAO_PREFIX) and not (skip and k.startswith(skip))]
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not names:
+        raise CheckpointError(f"{path}: no '{SAO_PREFIX}*' tensors (not a Stable Audio Open checkpoint?)")
+    sd = {k[len(SAO_PREFIX) :]: v for k, v in read_safetensors(path, names).items()}
+    return oobleck_from_state_dict(sd, config, parts, source=str(path)).to(device)
+
+
+# ==================================================================================================
 # The release as a folder: where each file lives, what a run needs, and the download command
 # ==================================================================================================
 # `--weights DIR` holds the four released repositories side by side, each in its own layout:
