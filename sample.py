@@ -617,14 +617,14 @@ class Models:
             if is_dit and self.compile and not stream:
                 dit_lib.compile_layers(m)
             self.loaded[name] = m
-        if not (is_dit and self.offload == "layers"):
+        if isinstance(m, torch.nn.Module) and not (is_dit and self.offload == "layers"):
             m.to(self.device)
         return m
 
     def release(self, name: str) -> None:
         """The stage that needed `name` is over: move it off the device unless offload is "none"."""
         m = self.loaded.get(name)
-        if m is not None and self.offload != "none" and self.device.type != "cpu":
+        if isinstance(m, torch.nn.Module) and self.offload != "none" and self.device.type != "cpu":
             if not (name in ("dit", "sr_dit") and self.offload == "layers"):
                 m.to("cpu")
             torch.cuda.empty_cache()
@@ -740,9 +740,10 @@ def encode_text(models: Models, text: str, text_weights=None):
 
 
 def generate(models: Models, req: Request, cfg: SampleConfig, *, text_weights=None, progress=True,
-             timer: Timer | None = None, decode: bool = True):
+             timer: Timer | None = None, decode: bool = True, latents: dict | None = None):
     """One request -> (frames uint8 [F, H, W, 3], audio float32 [N, 2] at 44.1 kHz), or the latents
-    (video, audio) when `decode` is False. Stages in the official order (spec §0)."""
+    (video, audio) when `decode` is False. Stages in the official order (spec §0). `latents`, if a
+    dict, receives the final latents ("video" [1, 48, T, h, w], "audio" [1, N, 64])."""
     import text_encoder as te
     import vae
 
@@ -797,6 +798,8 @@ def generate(models: Models, req: Request, cfg: SampleConfig, *, text_weights=No
                 models.get("sr_dit"), cfg, video, audio, text, text_len, text_null, text_null_len,
                 sr_latent_hw=sr_hw, noise=noise, image_latent=sr_image_latent, progress=progress)
             models.release("sr_dit")
+    if latents is not None:
+        latents.update(video=video.detach().cpu().contiguous(), audio=audio.detach().cpu().contiguous())
     if not decode:
         return video, audio
 
@@ -804,6 +807,12 @@ def generate(models: Models, req: Request, cfg: SampleConfig, *, text_weights=No
         decoder = models.get(req.vae)
         frames = to_uint8_frames(decoder.decode(video))  # Turbo: unclamped; Wan: clamped to [-1, 1]
         models.release(req.vae)
+        # The decoders give 4(T-1)+1 frames, fewer than the audio's when 25·seconds is not a multiple
+        # of 4 (2 s: 49 frames, 51 audio latents). Upstream muxes the shorter video anyway and players
+        # hold its last frame; we repeat that frame so both streams last num_frames / 25 s.
+        missing = audio.shape[1] - frames.shape[0]
+        if missing > 0:
+            frames = np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)])
     with timer("decode audio"):
         audio_vae = models.get("audio_vae")
         wave_51k = audio_vae.decode(audio)  # [1, 2, 2048 N] at the declared 51.2 kHz
@@ -852,6 +861,7 @@ def build_parser():
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output mp4 (default magihuman_<seconds>s_<WxH>.mp4)")
     o.add_argument("--wav", action="store_true", help="also write the audio alone next to the mp4")
+    o.add_argument("--latents", default=None, help="also save the final video/audio latents to this .safetensors file")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -943,14 +953,19 @@ def main(argv=None) -> int:
         models = Models(builders, device, dtype, args.offload, compile_, sp)
         timer = Timer(device)
         text_weights = None if args.tiny_random else weights / lw.TEXT_DIR
+        latents = {}
         result = generate(models, req, cfg, text_weights=text_weights, progress=not args.quiet and rank == 0,
-                          timer=timer, decode=rank == 0)
+                          timer=timer, decode=rank == 0, latents=latents)
         if rank == 0:
             frames, audio = result
             with timer("write"):
                 write_mp4(out, frames, audio, fps=cfg.fps)
                 if args.wav:
                     write_wav(out.with_suffix(".wav"), audio)
+                if args.latents:
+                    from safetensors.torch import save_file
+
+                    _atomic(args.latents, lambda tmp: save_file(latents, str(tmp)))
             print(f"wrote {out} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {cfg.fps} fps, "
                   f"{audio.shape[0] / OUT_RATE:.2f} s of audio)")
             print(format_timings(timer.times))

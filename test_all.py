@@ -1566,3 +1566,170 @@ def test_oobleck_decode_lengths_and_resample():
         model.encode(torch.zeros(1, 2, 4096))
     with pytest.raises(ValueError, match="expects"):
         model.decode(torch.zeros(1, 64, 3, 1))
+
+
+# ==================================================================================================
+# The pipeline and its command line (sample.py main, load_weights.py download)
+# ==================================================================================================
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def probe_mp4(path):
+    """(video codec, fps, decoded frame count, pix_fmt, audio codec, sample rate, channels, audio seconds)."""
+    import av
+    with av.open(str(path)) as c:
+        assert len(c.streams.video) == 1 and len(c.streams.audio) == 1
+        v, a = c.streams.video[0], c.streams.audio[0]
+        info = (v.codec_context.name, float(v.average_rate), v.codec_context.pix_fmt, a.codec_context.name,
+                a.sample_rate, a.codec_context.channels, float(a.duration * a.time_base))
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    return info, frames
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, str(HERE / "sample.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def test_cli_tiny_random_t2v(tmp_path):
+    """The acceptance command: one H.264 stream at 25 fps and one AAC stream at 44.1 kHz, same length."""
+    out = tmp_path / "F.mp4"
+    r = run_cli("--tiny-random", "--prompt", "a person says hello", "--seconds", "2", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    (vcodec, fps, pix, acodec, rate, channels, seconds), frames = probe_mp4(out)
+    assert (vcodec, fps, pix, acodec, rate, channels) == ("h264", 25.0, "yuv420p", "aac", 44100, 2)
+    # 25·2+1 = 51 frames; the decoders give 4(T-1)+1 = 49 and the last is held twice (sample.generate).
+    assert len(frames) == 51
+    assert abs(seconds - 51 / 25) < 1024 / 44100 + 1e-6  # within one AAC frame of the 51 audio latents
+    assert frames[0].shape == (256, 448, 3)
+    assert "stage timings" in r.stdout and "wrote" in r.stdout
+
+
+def test_cli_image_and_audio_variants(tmp_path):
+    """TI2V with a PNG and A2V with a WAV the test writes; A2V takes its length from the audio."""
+    import wave
+    from PIL import Image
+    import sample
+    img = tmp_path / "face.png"
+    Image.fromarray((np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)).save(img)
+    wav = tmp_path / "speech.wav"
+    t = np.arange(int(1.5 * 44100)) / 44100
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2")
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(44100), w.writeframes(np.repeat(pcm, 2).tobytes())
+    common = ["--tiny-random", "--prompt", "a person says hello", "--size", "128x64", "--quiet"]
+    assert sample.main(common + ["--seconds", "1", "--image", str(img), "--out", str(tmp_path / "ti2v.mp4")]) == 0
+    (_, fps, *_rest, seconds), frames = probe_mp4(tmp_path / "ti2v.mp4")
+    assert len(frames) == 26 and frames[0].shape == (64, 128, 3) and abs(seconds - 26 / 25) < 0.03
+    assert sample.main(common + ["--audio", str(wav), "--out", str(tmp_path / "a2v.mp4")]) == 0
+    # 1.5 s at 51.2 kHz = 76800 samples -> 37 audio latents -> 37 frames (A2V takes the audio's length)
+    (*_rest, seconds), frames = probe_mp4(tmp_path / "a2v.mp4")
+    assert len(frames) == 37 and abs(seconds - 37 / 25) < 0.03
+
+
+def _bad_inputs(tmp_path):
+    (tmp_path / "not_image.png").write_text("hello")
+    (tmp_path / "not_audio.wav").write_text("hello")
+    return {
+        "empty prompt": (["--prompt", "  "], "prompt is empty"),
+        "seconds 0": (["--seconds", "0"], "--seconds must be a positive"),
+        "seconds < 0": (["--seconds", "-3"], "--seconds must be a positive"),
+        "size small": (["--size", "16x256"], "too small"),
+        "size garbage": (["--size", "big"], "--size must look like"),
+        "image missing": (["--image", str(tmp_path / "nope.png")], "file not found"),
+        "image bad": (["--image", str(tmp_path / "not_image.png")], "not a readable image"),
+        "audio missing": (["--audio", str(tmp_path / "nope.wav")], "file not found"),
+        "audio bad": (["--audio", str(tmp_path / "not_audio.wav")], "not a readable audio file"),
+        "out dir missing": (["--out", str(tmp_path / "no" / "such" / "dir.mp4")], "cannot write there"),
+        "out is a dir": (["--out", str(tmp_path)], "cannot write there"),
+    }
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    """Each bad input: one line on stderr, exit status 2, no output file."""
+    import sample
+    for what, (args, message) in _bad_inputs(tmp_path).items():
+        out = tmp_path / "out.mp4"
+        argv = ["--tiny-random", "--prompt", "hello", "--quiet", "--out", str(out)] + args
+        assert sample.main(argv) == 2, what
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (what, err)
+        assert not out.exists(), what
+    # A weights folder without the files: the message lists them and gives the download command.
+    assert sample.main(["--prompt", "hello", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "daVinci-MagiHuman/distill" in err and "Wan2.2" not in err
+    assert "TurboV3-Wan22-TinyShallow_7_7.json" in err and "python load_weights.py download" in err
+
+
+def test_cli_interrupted_while_writing(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of writing the mp4: exit 2, no output file, no temporary left behind."""
+    import av
+    import sample
+    calls = {"n": 0}
+    real = av.VideoFrame.from_ndarray
+
+    def interrupt_on_third_frame(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", interrupt_on_third_frame)
+    out = tmp_path / "out.mp4"
+    argv = ["--tiny-random", "--prompt", "hello", "--quiet", "--size", "64x32", "--seconds", "1", "--out", str(out)]
+    assert sample.main(argv) == 2 and calls["n"] == 3
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_selection_without_network(tmp_path, monkeypatch, capsys):
+    import load_weights as lw
+    pats = lw.download_patterns(["distill", "1080p_sr"])
+    assert pats["GAIR/daVinci-MagiHuman"] == ["distill/*", "1080p_sr/*", "turbo_vae/*"]
+    assert pats["Wan-AI/Wan2.2-TI2V-5B"] == ["Wan2.2_VAE.pth"]  # not the 5B video model
+    assert pats["stabilityai/stable-audio-open-1.0"] == ["model.safetensors", "model_config.json"]
+    assert "model.safetensors.index.json" in pats["google/t5gemma-9b-9b-ul2"]
+    assert not any("safetensors" in p and "index" not in p for p in pats["google/t5gemma-9b-9b-ul2"])
+    with pytest.raises(ValueError, match="unknown model"):
+        lw.download_patterns(["4k_sr"])
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"weight_map": {"model.encoder.layers.0.x": "a.safetensors", "model.encoder.norm.weight": "b.safetensors",
+                                                "model.decoder.layers.0.x": "c.safetensors", "lm_head.weight": "c.safetensors"}}))
+    assert lw.encoder_shards(index) == ["a.safetensors", "b.safetensors"]  # decoder-only shard c is skipped
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    assert lw.main(["download", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install huggingface_hub" in err and err.count("\n") == 1
+
+
+def test_cli_two_processes_write_the_same_mp4(tmp_path):
+    """torchrun with 2 CPU ranks (gloo, sequence-parallel DiT) against 1 process: the same latents
+    and the same frames, and only rank 0 writes.
+
+    "The same" up to float rounding: each rank multiplies fewer rows, and BLAS may then block the
+    sums differently (measured ~2e-8 relative in the final latents; with one thread per process and
+    some sizes it is bitwise equal). H.264 can turn such a difference into different encoder
+    decisions, so the frames are compared by PSNR: rounding gives ~40 dB and up, a real
+    sequence-parallel bug (wrong heads, masks or shards) gives noise, well under 20 dB.
+    """
+    from safetensors.torch import load_file
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--tiny-random", "--prompt", "a person says hello", "--seconds", "2", "--size", "256x128", "--quiet"]
+    one = run_cli(*args, "--out", str(tmp_path / "one.mp4"), "--latents", str(tmp_path / "one.safetensors"), env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), str(HERE / "sample.py"), *args,
+                          "--out", str(tmp_path / "two.mp4"), "--latents", str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "one.safetensors", "two.mp4", "two.safetensors"]
+    lat_one, lat_two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert rel_l2(lat_two["video"], lat_one["video"]) < 1e-5 and rel_l2(lat_two["audio"], lat_one["audio"]) < 1e-5
+    _, frames_one = probe_mp4(tmp_path / "one.mp4")
+    _, frames_two = probe_mp4(tmp_path / "two.mp4")
+    assert len(frames_one) == len(frames_two) == 51
+    mse = np.mean([np.mean((a.astype(np.float64) - b) ** 2) for a, b in zip(frames_one, frames_two)])
+    assert mse == 0 or 10 * np.log10(255**2 / mse) > 30
