@@ -1733,3 +1733,12 @@ def test_cli_two_processes_write_the_same_mp4(tmp_path):
     assert len(frames_one) == len(frames_two) == 51
     mse = np.mean([np.mean((a.astype(np.float64) - b) ** 2) for a, b in zip(frames_one, frames_two)])
     assert mse == 0 or 10 * np.log10(255**2 / mse) > 30
+
+
+def test_bench_tiny_runs_and_prints_the_table():
+    r = subprocess.run([sys.executable, str(HERE / "bench.py"), "--tiny", "--reps", "1"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for stage in ("text encode", "dit256", "sr540", "sr1080", "turbo256", "audio decode"):
+        assert r.stdout.count(stage) == 2, stage  # once eager, once compiled
+    assert "tiny configs, eager" in r.stdout and "tiny configs, compiled" in r.stdout
