@@ -596,11 +596,14 @@ class Models:
     """
 
     def __init__(self, builders: dict, device, dtype=torch.bfloat16, offload: str = "none",
-                 compile: bool = False, sp=None):
+                 compile: bool = False, sp=None, keep_released: bool = True):
         if offload not in ("none", "model", "layers"):
             raise ValueError(f"offload must be none, model or layers, got {offload!r}")
         self.builders, self.device, self.dtype, self.offload = builders, torch.device(device), dtype, offload
         self.compile, self.sp, self.loaded = compile, sp, {}
+        # A one-shot run (the CLI) never needs a released network again: free it instead of
+        # spending a device-to-host copy on it.
+        self.keep_released = keep_released
 
     def get(self, name: str):
         import model as dit_lib
@@ -625,6 +628,8 @@ class Models:
         """The stage that needed `name` is over: move it off the device unless offload is "none"."""
         m = self.loaded.get(name)
         if isinstance(m, torch.nn.Module) and self.offload != "none" and self.device.type != "cpu":
+            if not self.keep_released:
+                return self.drop(name)
             if not (name in ("dit", "sr_dit") and self.offload == "layers"):
                 m.to("cpu")
             torch.cuda.empty_cache()
@@ -633,6 +638,29 @@ class Models:
         self.loaded.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# Rough sizes in GB for choosing an offload mode: weights at their pipeline dtypes (DiT and T5-Gemma
+# bf16, audio VAE fp32) and the largest activations of a stage at each output size (the DiT's MLP
+# temporaries, the Turbo decode window; README "Memory").
+WEIGHTS_GB = {"dit": 30.6, "text_encoder": 18.5, "wan": 1.4, "turbo": 0.2, "audio_vae": 0.6}
+ACTIVATIONS_GB = {"none": 4.0, "540p": 10.0, "1080p": 26.0}
+
+
+def choose_offload(device, sr: str) -> str:
+    """--offload auto: everything resident if it fits in 90% of the card, else one network at a
+    time if the largest stage fits, else stream the DiT's layers."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "none"
+    total = torch.cuda.get_device_properties(device).total_memory / 1e9
+    dits = 1 + (sr != "none")
+    everything = sum(WEIGHTS_GB.values()) + (dits - 1) * WEIGHTS_GB["dit"] + ACTIVATIONS_GB[sr]
+    if everything < 0.9 * total:
+        return "none"
+    if max(WEIGHTS_GB["dit"], WEIGHTS_GB["text_encoder"]) + ACTIVATIONS_GB[sr] < 0.9 * total:
+        return "model"
+    return "layers"
 
 
 def release_builders(weights, model: str, sr: str, vae_kind: str, dtype: torch.dtype) -> dict:
@@ -867,8 +895,9 @@ def build_parser():
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     r.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="bfloat16: the official numerics (default on GPU); float32: exact reference (default on CPU)")
-    r.add_argument("--offload", choices=["none", "model", "layers"], default="none",
-                   help="none: all on the GPU; model: one network at a time; layers: stream DiT layers (24 GB cards)")
+    r.add_argument("--offload", choices=["auto", "none", "model", "layers"], default="auto",
+                   help="none: all networks stay on the GPU; model: one network at a time; layers: also stream "
+                        "the DiT's layers from host memory (24 GB cards); auto (default): the fastest that fits")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the DiT layers (default: on for CUDA)")
     return p
@@ -950,7 +979,8 @@ def main(argv=None) -> int:
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         compile_ = args.compile if args.compile is not None else device.type == "cuda"
         builders = tiny_builders(dtype) if args.tiny_random else release_builders(weights, args.model, args.sr, args.vae, dtype)
-        models = Models(builders, device, dtype, args.offload, compile_, sp)
+        offload = choose_offload(device, args.sr) if args.offload == "auto" else args.offload
+        models = Models(builders, device, dtype, offload, compile_, sp, keep_released=False)
         timer = Timer(device)
         text_weights = None if args.tiny_random else weights / lw.TEXT_DIR
         latents = {}
