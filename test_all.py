@@ -1742,3 +1742,17 @@ def test_bench_tiny_runs_and_prints_the_table():
     for stage in ("text encode", "dit256", "sr540", "sr1080", "turbo256", "audio decode"):
         assert r.stdout.count(stage) == 2, stage  # once eager, once compiled
     assert "tiny configs, eager" in r.stdout and "tiny configs, compiled" in r.stdout
+
+
+def test_cli_offload_modes_give_the_same_latents(tmp_path):
+    """--offload model / layers (streamed DiT layers) change where weights live, never a number."""
+    import sample
+    from safetensors.torch import load_file
+    outs = {}
+    for mode in ("none", "model", "layers"):
+        argv = ["--tiny-random", "--prompt", "hello", "--quiet", "--size", "64x32", "--seconds", "1",
+                "--offload", mode, "--out", str(tmp_path / f"{mode}.mp4"), "--latents", str(tmp_path / f"{mode}.st")]
+        assert sample.main(argv) == 0
+        outs[mode] = load_file(str(tmp_path / f"{mode}.st"))
+    for mode in ("model", "layers"):
+        assert torch.equal(outs[mode]["video"], outs["none"]["video"]) and torch.equal(outs[mode]["audio"], outs["none"]["audio"])
