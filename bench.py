@@ -263,6 +263,38 @@ def run_stages(args, device, dtype, sp=None) -> list[Row]:
     return rows
 
 
+def scaling(args, argv) -> int:
+    """--nproc N: run the stages under torchrun with 1 and with N ranks and print the speed-up."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    child = [a for a in (argv if argv is not None else sys.argv[1:])]
+    k = child.index("--nproc") if "--nproc" in child else None
+    child = child[:k] + child[k + 2:] if k is not None else [a for a in child if not a.startswith("--nproc=")]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, args.nproc):
+            out = Path(tmp) / f"{world}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+                   "--master-port", str(29500 + world), __file__, *child, "--json-out", str(out)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(r.stdout + r.stderr, file=sys.stderr)
+                return r.returncode
+            results[world] = json.loads(out.read_text())
+    one, many = results[1], results[args.nproc]
+    lines = [f"sequence-parallel scaling on {one['device']}: 1 vs {args.nproc} ranks",
+             f"{'stage':<16}{'1 rank ms':>12}{f'{args.nproc} ranks ms':>14}{'speed-up':>10}{'efficiency':>12}"]
+    for a, b in zip(one["rows"], many["rows"]):
+        speedup = a["ms"] / b["ms"]
+        lines.append(f"{a['stage']:<16}{a['ms']:12.1f}{b['ms']:14.1f}{speedup:10.2f}{speedup / args.nproc:11.0%}")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny size (eager, then compiled)")
@@ -271,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation happens here)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the DiT layers and the Turbo decoder")
     p.add_argument("--offload", choices=["none", "layers"], default="none", help="stream the DiT layers from host memory")
+    p.add_argument("--nproc", type=int, default=1, help="compare 1 rank with N sequence-parallel ranks (runs torchrun)")
+    p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)  # used by --nproc for its children
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
     bad = sorted(set(args.stages) - set(STAGES))
@@ -278,7 +312,12 @@ def main(argv=None) -> int:
         p.error(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
     args.reps = args.reps or (2 if args.tiny else 3)
 
-    if args.tiny:
+    import os
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return scaling(args, argv)
+    distributed = "WORLD_SIZE" in os.environ
+    if args.tiny and not distributed:
         device, dtype = torch.device("cpu"), torch.float32
         tables = []
         for compiled in (False, True):
@@ -290,26 +329,38 @@ def main(argv=None) -> int:
         print("\n\n".join(tables))
         return 0
 
-    if not torch.cuda.is_available():
+    if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA device: the full-size benchmark needs a GPU (use --tiny for the CPU smoke run)")
-    sp = None
-    rank = 0
-    import os
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    sp, rank = None, 0
+    if args.tiny:  # a torchrun child of `--tiny --nproc N`: CPU ranks talking over gloo
+        device, dtype = torch.device("cpu"), torch.float32
+        args.compile = False
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+        torch.backends.cuda.matmul.allow_tf32 = False  # as upstream (PyTorch's default)
+    if distributed:
         import torch.distributed as dist
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl")
+
+        dist.init_process_group("gloo" if args.tiny else "nccl")
         sp, rank = dit_lib.SequenceParallel(), dist.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device())
-    torch.backends.cuda.matmul.allow_tf32 = False  # as upstream (PyTorch's default)
-    rows = run_stages(args, device, torch.bfloat16, sp)
+        if sp.world == 1:
+            sp = None
+        # Only the DiT stages are split across ranks; the others would just repeat on every rank.
+        args.stages = [s for s in args.stages if s in ("dit256", "sr540", "sr1080")]
+    rows = run_stages(args, device, dtype, sp)
     if rank == 0:
-        name = torch.cuda.get_device_name(device)
+        name = "CPU (tiny configs)" if args.tiny else torch.cuda.get_device_name(device)
         world = sp.world if sp is not None else 1
-        print(format_table(rows, f"{name} x{world}, bf16, compile={args.compile}, offload={args.offload}, "
-                                 f"{time.strftime('%Y-%m-%d')}"))
-    if sp is not None:
-        import torch.distributed as dist
+        print(format_table(rows, f"{name} x{world}, {str(dtype)[6:]}, compile={args.compile}, "
+                                 f"offload={args.offload}, {time.strftime('%Y-%m-%d')}"))
+        if args.json_out:
+            import json
+            from pathlib import Path
+
+            rows_json = [{"stage": r.stage, "ms": r.ms, "peak_gib": r.peak_gib} for r in rows]
+            Path(args.json_out).write_text(json.dumps({"device": name, "world": world, "rows": rows_json}))
+    if distributed:
         dist.destroy_process_group()
     return 0
 
