@@ -124,12 +124,12 @@ class DistillConfig:
 
 def per_sample(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """σ [B] -> [B, 1, ..., 1] broadcastable against x, on x's device."""
-    return sigma.to(x.device).view(-1, *[1] * (x.dim() - 1))
+    return sigma.to(x.device).view(-1, *[1] * (x.dim() - 1))  # [B] -> [B, 1, ..., 1]
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """x_σ = (1 − σ)·x0 + σ·ε (the scheduler's `add_noise`, and `step_ddim`'s re-noise)."""
-    s = per_sample(sigma, x0).to(x0.dtype)
+    s = per_sample(sigma, x0).to(x0.dtype)  # stays in the latents' dtype (float32, as upstream)
     return (1 - s) * x0 + s * noise
 
 
@@ -165,8 +165,8 @@ def training_sigmas(n: int, shift: float, lo: float, hi: float, generator: torch
 
     The clamp after a shift of 5 puts ~9% of draws exactly on σ = hi; that is what the ports do.
     """
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    return shift_sigma(u, shift).clamp(lo, hi).float()
+    u = torch.rand(n, generator=generator, dtype=torch.float64)  # one σ per sample, on the CPU RNG
+    return shift_sigma(u, shift).clamp(lo, hi).float()  # float32 like the scheduler's sigmas
 
 
 # ==================================================================================================
@@ -200,7 +200,7 @@ def dmd_loss(x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def flow_loss(v: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Flow matching on (detached) student samples: mean (v_fake − (ε − x0))² (§5, the "flow" loss)."""
-    return F.mse_loss(v.float(), (noise - x0).float())
+    return F.mse_loss(v.float(), (noise - x0).float())  # float32 even when v came out of bf16 autocast
 
 
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
@@ -231,8 +231,8 @@ def dit_velocity(net: nn.Module, x: Latents, sigma: torch.Tensor, text: Text) ->
     """(v_video, v_audio) from the DiT. σ is deliberately NOT passed: the DiT is timestep-free and
     reads the noise level off the latents (the σ argument exists for networks that need it, e.g. the
     2-D toy of the tests)."""
-    video, audio = x
-    return net(video, audio, text.features, text.lens)
+    video, audio = x  # modality order = MODALITIES
+    return net(video, audio, text.features, text.lens)  # text_len keeps the padding out of the sequence
 
 
 class LoRA(nn.Module):
@@ -243,8 +243,9 @@ class LoRA(nn.Module):
         super().__init__()
         E, n_in, n_out = linear.num_experts, linear.in_features, linear.out_features
         self.num_experts, self.scale = E, alpha / rank
-        self.lora_A = nn.Parameter(torch.randn(E, rank, n_in, generator=generator) / math.sqrt(n_in))
-        self.lora_B = nn.Parameter(torch.zeros(E, n_out, rank))
+        # A ~ N(0, 1/n_in) keeps the rank-r features at unit scale; B = 0 makes the delta start at 0.
+        self.lora_A = nn.Parameter(torch.randn(E, rank, n_in, generator=generator) / math.sqrt(n_in))  # [E, r, in]
+        self.lora_B = nn.Parameter(torch.zeros(E, n_out, rank))  # [E, out, r]
 
     def forward(self, x: torch.Tensor, sizes) -> torch.Tensor:
         # Experts split the sequence by modality exactly like ExpertLinear does (video, audio, text).
@@ -279,8 +280,8 @@ class LoRACritic(nn.Module):
         def add_delta(module, args, out):
             if not self.on:
                 return None  # teacher pass: output unchanged
-            sizes = args[1] if len(args) > 1 else None
-            return out + self.adapters[key](args[0], sizes).to(out.dtype)
+            sizes = args[1] if len(args) > 1 else None  # ExpertLinear is called as (x, sizes)
+            return out + self.adapters[key](args[0], sizes).to(out.dtype)  # delta in fp32, added in out's dtype
 
         return add_delta
 
@@ -350,6 +351,7 @@ class EMA:
 
     def __init__(self, net: nn.Module, decay: float, start: int):
         self.decay, self.start = decay, start
+        # fp32 copies named like the parameters (DTensors sharded like them under FSDP2).
         self.shadow = {n: p.detach().clone() for n, p in net.named_parameters()}
 
     @torch.no_grad()
@@ -357,7 +359,7 @@ class EMA:
         # Before `start` the EMA just follows the student (early students change too fast to average).
         decay = self.decay if step >= self.start else 0.0
         for n, p in net.named_parameters():
-            self.shadow[n].lerp_(p.detach(), 1 - decay)
+            self.shadow[n].lerp_(p.detach(), 1 - decay)  # shadow += (1 − decay)·(p − shadow)
 
 
 # ==================================================================================================
@@ -371,6 +373,7 @@ class PromptBank:
     def __init__(self, features: list, negative: torch.Tensor):
         if not features:
             raise ValueError("no prompts to train on")
+        # Caches hold fp16 (the official bf16 -> fp16 round trip); the DiT takes float32.
         self.features, self.negative = [f.float() for f in features], negative.float()
 
     def __len__(self):
@@ -388,7 +391,7 @@ def pad_text(feats: list) -> Text:
     lens = [f.shape[0] for f in feats]
     out = feats[0].new_zeros(len(feats), max(lens), feats[0].shape[-1])  # [B, Lmax, C]
     for b, f in enumerate(feats):
-        out[b, : lens[b]] = f
+        out[b, : lens[b]] = f  # the rows past lens[b] never enter the DiT's sequence
     return Text(out, lens)
 
 
@@ -432,13 +435,14 @@ class Distiller:
         self.teacher, self.student, self.critic, self.lora = teacher, student, critic, lora
         self.gan_tap, self.gan_head, self.real_data = gan_tap, gan_head, real_data
         self.latent_shapes, self.prompts, self.velocity_fn = [tuple(s) for s in latent_shapes], prompts, velocity_fn
-        self.sigmas = student_sigmas(cfg.steps, cfg.grid_shift, cfg.grid_sigma_max)  # [K + 1]
-        self.weights = (cfg.video_weight, cfg.audio_weight)
+        self.sigmas = student_sigmas(cfg.steps, cfg.grid_shift, cfg.grid_sigma_max)  # [K + 1], CPU float32
+        self.weights = (cfg.video_weight, cfg.audio_weight)  # λ per modality, in MODALITIES order
 
         self.teacher.requires_grad_(False).eval()  # frozen: never a .grad, never a step
         self.critic_params = list((critic or lora).parameters()) + (list(gan_head.parameters()) if gan_head else [])
         # Small modules that are not FSDP-sharded (LoRA adapters, GAN head): their grads are averaged by hand.
         self.replicated = (list(lora.parameters()) if lora else []) + (list(gan_head.parameters()) if gan_head else [])
+        # Two optimisers, one per player, each with its own learning rate (TTUR, §6).
         opt = dict(betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.opt_g = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr_generator, **opt)
         self.opt_c = torch.optim.AdamW(self.critic_params, lr=cfg.lr_critic, **opt)
@@ -449,6 +453,7 @@ class Distiller:
         # so a seed gives the same draws on any device.
         self.shared_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * rank)
+        # iteration = critic steps; a generator step happens on every critic_ratio-th iteration.
         self.iteration = self.generator_steps = self.critic_steps = 0
 
     # ---- small helpers -------------------------------------------------------------------------
@@ -456,6 +461,7 @@ class Distiller:
     def randn(self, B: int, generator: torch.Generator | None = None) -> Latents:
         """Fresh N(0, I) noise for every modality, drawn on a CPU RNG in modality order."""
         g = generator or self.noise_gen
+        # Drawn on the CPU then moved: the same seed gives the same noise on any device.
         return tuple(torch.randn(B, *s, generator=g).to(self.device) for s in self.latent_shapes)
 
     def amp(self):
@@ -467,11 +473,13 @@ class Distiller:
         """Per-sample CFG scales (video, audio) [B] at σ, as the base sampler applies them (§1)."""
         t = (sigma.double() * 1000).long()  # the scheduler's truncated int timestep; switch is t > 500
         video = torch.where(t > self.cfg.cfg_switch_t, self.cfg.cfg_video_high, self.cfg.cfg_video_low)
+        # Audio keeps one scale at every σ (the official audio CFG has no switch).
         return video.double(), torch.full_like(video, self.cfg.cfg_audio, dtype=torch.float64)
 
     # ---- the three scores ----------------------------------------------------------------------
 
     def student_velocity(self, net, x, sigma, text):
+        # `net` is the student or, for evaluation, a copy holding its EMA weights.
         with self.amp():
             return self.velocity_fn(net, x, sigma, text)
 
@@ -479,12 +487,13 @@ class Distiller:
         if self.lora is not None:
             with self.lora.active():  # the teacher + adapters; bf16 base weights, no autocast needed
                 return self.velocity_fn(self.teacher, x, sigma, text)
-        with self.amp():
+        with self.amp():  # full critic: fp32 master weights, bf16 GEMMs on CUDA
             return self.velocity_fn(self.critic, x, sigma, text)
 
     @torch.no_grad()
     def real_x0(self, x: Latents, sigma: torch.Tensor, text: Text) -> Latents:
         """The teacher's guided x0 prediction per modality (float64): v = v_u + w·(v_c − v_u)."""
+        # No autocast: the teacher holds bf16 block weights, so it runs the official numerics as is.
         v_cond = self.velocity_fn(self.teacher, x, sigma, text)
         scales = self.guidance_scales(sigma)
         if all(bool((s == 1).all()) for s in scales):
@@ -513,7 +522,8 @@ class Distiller:
                 v = self.student_velocity(net, x, sigma, text)
                 x0 = tuple(x0_from_velocity(xm, vm, sigma).float() for xm, vm in zip(x, v))
             if k == stop:
-                return x0
+                return x0  # float32 x0̂ at σ_k (with its graph to the student iff grad)
+            # Fresh noise per step and modality, video first then audio, as `step_ddim` draws it.
             x = tuple(add_noise(m, n, self.sigmas[k + 1].expand(B)) for m, n in zip(x0, self.randn(B, generator)))
 
     @torch.no_grad()
@@ -529,15 +539,18 @@ class Distiller:
         """One DMD-2 iteration: a student batch by backward simulation, a generator update every
         `critic_ratio` iterations, and a critic update every iteration (TTUR, §6)."""
         cfg = self.cfg
-        generator_turn = self.iteration % cfg.critic_ratio == 0
+        generator_turn = self.iteration % cfg.critic_ratio == 0  # iterations 0, N, 2N, ...: ⌈M/N⌉ of M
+        # Each rank draws its own prompts (prompts with replacement; the list is small next to the run).
         idx = torch.randint(len(self.prompts), (cfg.batch_size,), generator=self.noise_gen)
         text = self.prompts.batch(idx).to(self.device)
         # The exit step k is drawn from the shared RNG so every rank rolls out to the same step.
         k = int(torch.randint(cfg.steps, (1,), generator=self.shared_gen))
+        # Critic-only iterations still need a fresh student batch, just without a graph (§6).
         x0 = self.rollout(self.student, text, k, grad=generator_turn)
         logs = {"k": k}
         if generator_turn:
             logs.update(self.generator_update(x0, text))
+        # The same batch, detached, trains the critic: it must follow the student's current outputs.
         logs.update(self.critic_update(tuple(m.detach() for m in x0), text))
         self.iteration += 1
         return logs
@@ -595,12 +608,13 @@ class Distiller:
         cfg, B = self.cfg, len(text.lens)
         sigma = training_sigmas(B, cfg.critic_shift, cfg.critic_sigma_min, cfg.critic_sigma_max, self.noise_gen)
         noise = self.randn(B)
-        x_t = tuple(add_noise(m, n, sigma) for m, n in zip(x0, noise))
-        v = self.fake_velocity(x_t, sigma, text)
+        x_t = tuple(add_noise(m, n, sigma) for m, n in zip(x0, noise))  # same σ for both modalities
+        v = self.fake_velocity(x_t, sigma, text)  # conditional only: the critic never uses CFG (§2)
         losses = [flow_loss(vm, n, m) for vm, n, m in zip(v, noise, x0)]
         loss = sum(w * l for w, l in zip(self.weights, losses))
         logs = {f"critic_{n}": l.item() for n, l in zip(MODALITIES, losses)}
         if cfg.gan:
+            # Real paired latents with their own prompts: D learns real vs. student at random σ.
             idx = torch.randint(len(self.real_data.video), (B,), generator=self.noise_gen)
             real, real_text = self.real_data.batch(idx)
             real = tuple(m.to(self.device) for m in real)
@@ -609,7 +623,7 @@ class Distiller:
             logs["gan_d"] = ld.item()
         with self.critic_backward():
             loss.backward()
-        average_replicated_grads(self.replicated, self.mesh)
+        average_replicated_grads(self.replicated, self.mesh)  # LoRA/head grads: FSDP does not see them
         logs["gnorm_c"] = clip_grad_norm(self.critic_params, cfg.grad_clip)
         self.opt_c.step()
         self.zero_grads()
@@ -619,7 +633,7 @@ class Distiller:
     def gan_logits(self, x0: Latents, text: Text) -> torch.Tensor:
         """Diffusion-GAN (§7): re-noise x0 at σ ~ U[0, 1), run the critic, read its tapped features."""
         B = len(text.lens)
-        sigma = torch.rand(B, generator=self.noise_gen)
+        sigma = torch.rand(B, generator=self.noise_gen)  # [R]: t uniform over the whole [0, 1000)
         x_t = tuple(add_noise(m, n, sigma) for m, n in zip(x0, self.randn(B)))
         with self.gan_tap.capture() as tap:
             self.fake_velocity(x_t, sigma, text)  # the full forward runs; only the tapped layer is used
@@ -649,6 +663,7 @@ class Distiller:
 
     def train_state(self) -> dict:
         """This rank's share of the training state as flat tensors (safetensors-friendly)."""
+        # RNG states are uint8 tensors, so everything fits in one safetensors file per rank.
         out = {"rng.shared": self.shared_gen.get_state(), "rng.noise": self.noise_gen.get_state()}
         out.update(optimizer_tensors(self.opt_g, self.student, "opt_g"))
         out.update(optimizer_tensors(self.opt_c, self.critic_modules(), "opt_c"))
@@ -666,7 +681,7 @@ class Distiller:
                 if f"ema.{k}" not in tensors:
                     raise load_weights.CheckpointError(f"{source}: missing key ema.{k}")
                 with torch.no_grad():
-                    local(v).copy_(tensors[f"ema.{k}"])
+                    local(v).copy_(tensors[f"ema.{k}"])  # into this rank's shard, in place
         self.iteration, self.generator_steps, self.critic_steps = (
             counters["iteration"], counters["generator_steps"], counters["critic_steps"])
 
@@ -687,7 +702,7 @@ def init_distributed(device: str | None):
     """(rank, world size, mesh, device). Under torchrun: one process per GPU (or CPU with gloo)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # plain `python distill.py`: no process group
         return 0, 1, None, torch.device(device)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -696,10 +711,10 @@ def init_distributed(device: str | None):
     if not dist.is_initialized():  # (main() may run several times in one job, e.g. in the tests)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if kind == "cuda":
+    if kind == "cuda":  # one GPU per process, picked by torchrun's LOCAL_RANK
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = f"cuda:{torch.cuda.current_device()}"
-    return rank, world, init_device_mesh(kind, (world,)), torch.device(device)
+    return rank, world, init_device_mesh(kind, (world,)), torch.device(device)  # 1-D mesh: plain FSDP
 
 
 def prepare_dit(net: DiT, mesh, checkpointing: bool) -> DiT:
@@ -712,13 +727,13 @@ def prepare_dit(net: DiT, mesh, checkpointing: bool) -> DiT:
         from torch.distributed._composable import checkpoint
 
         for layer in net.block.layers:
-            checkpoint(layer)
+            checkpoint(layer)  # keep only each layer's input; recompute the inside during backward
     if mesh is not None:
         from torch.distributed.fsdp import fully_shard
 
         for layer in net.block.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(net, mesh=mesh)
+            fully_shard(layer, mesh=mesh)  # each layer is gathered just before it runs, freed after
+        fully_shard(net, mesh=mesh)  # the rest: embedders, final norms and linears
     return net
 
 
@@ -746,7 +761,7 @@ def average_replicated_grads(params: list, mesh):
         return
     import torch.distributed as dist
 
-    for p in params:
+    for p in params:  # the modules are small (LoRA, GAN head): one all-reduce per tensor is fine
         if p.grad is not None:
             dist.all_reduce(p.grad)  # SUM (gloo has no AVG), then divide
             p.grad /= dist.get_world_size()
@@ -762,7 +777,7 @@ def clip_grad_norm(params: list, max_norm: float) -> float:
         groups.setdefault(hasattr(g, "full_tensor"), []).append(g)
     norms = [torch.nn.utils.get_total_norm(gs) for gs in groups.values()]
     total = math.sqrt(sum(float(gather(n)) ** 2 for n in norms))  # gather: the sharded norm is partial
-    coef = min(1.0, max_norm / (total + 1e-6))
+    coef = min(1.0, max_norm / (total + 1e-6))  # the same rule as torch's clip_grad_norm_
     if coef < 1.0:
         for g in grads:
             g.mul_(coef)
@@ -773,8 +788,8 @@ def optimizer_tensors(opt: torch.optim.Optimizer, module: nn.Module, prefix: str
     """AdamW state as flat tensors named after the parameters: `{prefix}.{param}.{exp_avg|...}`."""
     out = {}
     for name, p in module.named_parameters():
-        for key, value in opt.state.get(p, {}).items():
-            out[f"{prefix}.{name}.{key}"] = local(value).detach().cpu().contiguous()
+        for key, value in opt.state.get(p, {}).items():  # step (a CPU scalar), exp_avg, exp_avg_sq
+            out[f"{prefix}.{name}.{key}"] = local(value).detach().cpu().contiguous()  # this rank's shard
     return out
 
 
@@ -837,20 +852,21 @@ def save_checkpoint(d: Distiller, out: str | os.PathLike) -> Path:
     if d.gan_head is not None:
         files.append((HEAD_FILE, lambda keep: full_state_dict(d.gan_head, keep)))
     for name, state_dict in files:  # one network at a time: gather (every rank), write (rank 0)
-        sd = state_dict(rank0)
+        sd = state_dict(rank0)  # a collective: every rank must take part, only rank 0 keeps it
         if rank0:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / name))
         del sd
     folder.mkdir(parents=True, exist_ok=True)
+    # Optimiser moments stay sharded: each rank writes its own part (resume with the same world size).
     save_file(d.train_state(), str(folder / f"train_state_rank{d.rank}.safetensors"))
-    barrier(d.mesh)
+    barrier(d.mesh)  # every file is on disk before state.json marks the folder complete
     if rank0:
         counters = dict(iteration=d.iteration, generator_steps=d.generator_steps, critic_steps=d.critic_steps)
         world = 1 if d.mesh is None else d.mesh.size()
         state = dict(counters=counters, world_size=world, config=asdict(d.cfg))
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-        (Path(out) / "latest").write_text(folder.name)
+        (Path(out) / "latest").write_text(folder.name)  # moved only once the folder is complete
     barrier(d.mesh)
     return folder
 
@@ -901,8 +917,8 @@ def load_network(source, cfg: DiTConfig, block_dtype, device, mesh, checkpointin
     """A DiT from a checkpoint folder (any official layout) or an in-memory state dict, strictly.
 
     One process: `load_weights.load_dit` / `dit_from_state_dict`. Distributed: build on `meta`,
-    shard with FSDP2, then rank 0 reads the checkpoint (strict key/shape check) and broadcasts it
-    tensor by tensor, so no rank ever holds more than its shard plus one tensor.
+    shard with FSDP2, then rank 0 reads the checkpoint into host memory (strict key/shape check)
+    and broadcasts it tensor by tensor, so a GPU never holds more than its shard plus one tensor.
     """
     if mesh is None:
         if isinstance(source, dict):
@@ -917,10 +933,10 @@ def load_network(source, cfg: DiTConfig, block_dtype, device, mesh, checkpointin
 
     with torch.device("meta"):
         net = DiT(cfg, block_dtype=block_dtype)
-    expected = net.state_dict()
+    expected = net.state_dict()  # full shapes and dtypes, taken before sharding
     prepare_dit(net, mesh, checkpointing)
-    net.to_empty(device=device)
-    sd = {}
+    net.to_empty(device=device)  # real (uninitialised) storage for this rank's shards only
+    sd = {}  # the other ranks receive their shards from rank 0
     if dist.get_rank() == 0:
         if isinstance(source, dict):
             sd = {k: v.to(expected[k].dtype) for k, v in source.items()}
@@ -945,9 +961,9 @@ def random_dit_state_dict(cfg: DiTConfig, seed: int) -> dict:
 def latent_shapes(seconds: float, width: int, height: int, fps: int = 25) -> tuple:
     """Per-sample (video, audio) latent shapes for a clip, as the official sampler sizes them
     (sampling spec §3): frames = 25·s + 1, T = (frames − 1)//4 + 1, h/w floored to even /16."""
-    frames = int(seconds * fps) + 1
-    T = (frames - 1) // 4 + 1
-    h, w = (height // 16) // 2 * 2, (width // 16) // 2 * 2
+    frames = int(seconds * fps) + 1  # one audio latent per video frame, 25 per second
+    T = (frames - 1) // 4 + 1  # the VAE compresses time 4x, keeping the first frame
+    h, w = (height // 16) // 2 * 2, (width // 16) // 2 * 2  # 16x spatial, even for the 2x2 patches
     if h < 2 or w < 2:
         raise ValueError(f"{width}x{height} is too small: the latent must be at least 2x2 (32x32 pixels)")
     return (48, T, h, w), (frames, 64)
@@ -974,6 +990,7 @@ def write_text_features(path, prompts: list, features: list, negative: torch.Ten
     exactly what the official pipeline feeds the DiT (bf16 encoder -> fp16 -> fp32)."""
     from safetensors.torch import save_file
 
+    # Zero-padded names sort in prompt order; one [n_i, C] tensor each (no padding stored).
     tensors = {f"prompt_{i:06d}": f.to(torch.float16).contiguous() for i, f in enumerate(features)}
     tensors["negative"] = negative.to(torch.float16).contiguous()
     save_file(tensors, str(path), metadata={f"prompt_{i:06d}": p for i, p in enumerate(prompts)})
@@ -985,7 +1002,7 @@ def read_text_features(path, prompts: list, text_channels: int) -> PromptBank:
     path = Path(path)
     tensors = load_weights.read_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        meta = f.metadata() or {}  # prompt texts; a hand-made cache may have none
     for i, p in enumerate(prompts):
         key = f"prompt_{i:06d}"
         if key not in tensors:
@@ -1028,6 +1045,7 @@ def build(teacher, prompts: PromptBank, cfg: DistillConfig, dit_cfg: DiTConfig, 
     adapters and head come from that checkpoint and the training state is restored.
     """
     device = torch.device(device)
+    # bf16 block weights on GPU = the official numerics; fp32 on CPU (tiny runs, exact tests).
     teacher_dtype = teacher_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = None if resume_from is None else Path(resume_from)
     lora_mode = cfg.critic_lora_rank > 0
@@ -1041,13 +1059,13 @@ def build(teacher, prompts: PromptBank, cfg: DistillConfig, dit_cfg: DiTConfig, 
         lora = LoRACritic(teacher_net, cfg.critic_lora_rank, cfg.critic_lora_alpha, seed=cfg.seed)
         if ckpt:
             load_small_module(lora, ckpt / LORA_FILE)
-        lora.to(device)
+        lora.to(device)  # replicated on every rank (0.26 B parameters at rank 64)
     else:
         critic = load_network(ckpt / CRITIC_DIR if ckpt else teacher, dit_cfg, torch.float32, device, mesh,
                               cfg.grad_checkpointing)
     tap = head = None
     if cfg.gan:
-        backbone = teacher_net if lora_mode else critic
+        backbone = teacher_net if lora_mode else critic  # the head reads the critic's own features
         tap = FeatureTap(backbone.block.layers[cfg.gan_layer], dit_token_groups)
         torch.manual_seed(cfg.seed)  # the head's init is part of the run's seed
         head = GanHead(dit_cfg.hidden_size, 2, cfg.gan_hidden)
@@ -1056,7 +1074,7 @@ def build(teacher, prompts: PromptBank, cfg: DistillConfig, dit_cfg: DiTConfig, 
         head.to(device)
     d = Distiller(cfg, teacher_net, student, critic, shapes, prompts, lora=lora, gan_tap=tap, gan_head=head,
                   real_data=real_data, device=device, rank=rank, mesh=mesh)
-    if ckpt:
+    if ckpt:  # after the optimisers exist: their moments are loaded into them
         resume_training_state(d, ckpt)
     return d
 
@@ -1076,38 +1094,39 @@ def main(teacher=None, prompts=None, text_features=None, out="distill_out", tiny
     if tiny_random:
         # Everything random and tiny: a CPU demo of the full loop (and the CLI test).
         dit_cfg = dit_config("tiny")
-        g = torch.Generator().manual_seed(1234)
+        g = torch.Generator().manual_seed(1234)  # the same "teacher" and "prompts" on every rank and run
         teacher = random_dit_state_dict(dit_cfg, seed=1234)
         bank = PromptBank([torch.randn(n, dit_cfg.text_in_channels, generator=g) for n in (5, 7, 3, 6)],
                           torch.randn(8, dit_cfg.text_in_channels, generator=g))
-        shapes = ((dit_cfg.latent_channels, 2, 4, 4), (5, dit_cfg.audio_in_channels))
-        cfg.gan_layer = min(cfg.gan_layer, dit_cfg.num_layers - 1)
+        shapes = ((dit_cfg.latent_channels, 2, 4, 4), (5, dit_cfg.audio_in_channels))  # 2 latent frames, 5 audio
+        cfg.gan_layer = min(cfg.gan_layer, dit_cfg.num_layers - 1)  # the default (20) is for 40 layers
         if cfg.gan:
             real = RealData(torch.randn(4, *shapes[0], generator=g), torch.randn(4, *shapes[1], generator=g),
                             [bank.features[i] for i in range(4)])
     else:
         if teacher is None or prompts is None:
             raise ValueError("--teacher and --prompts are required (or use --tiny-random)")
-        dit_cfg = dit_config("base")
+        dit_cfg = dit_config("base")  # the teacher is the released base model (same config as distill)
         if cfg.gan_layer >= dit_cfg.num_layers:
             raise ValueError(f"--gan-layer must be < {dit_cfg.num_layers}")
         shapes = latent_shapes(seconds, width, height)
         texts = read_prompts(prompts)
         features = Path(text_features or Path(out) / "text_features.safetensors")
-        if not features.is_file():
+        if not features.is_file():  # computed once, then every run (and resume) reads the cache
             encode_text_features(features, texts, device)
         bank = read_text_features(features, texts, dit_cfg.text_in_channels)
         if cfg.gan:
             if gan_data is None:
                 raise ValueError("--gan needs --gan-data (real paired latents, see RealData)")
             real = read_real_data(gan_data, shapes, dit_cfg.text_in_channels)
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt = latest_checkpoint(out) if resume else None  # --resume without a checkpoint starts fresh
     d = build(teacher, bank, cfg, dit_cfg, shapes, device=device, rank=rank, mesh=mesh, resume_from=ckpt,
               real_data=real)
     if rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         print(f"distill: {world} process(es) on {device}; student grid {[round(s, 4) for s in d.sigmas.tolist()]}; "
               + (f"resumed from {ckpt} at iteration {d.iteration}" if ckpt else "from the teacher"))
+    # The bar counts iterations (= critic steps); a resumed run starts where the checkpoint stopped.
     bar = tqdm(range(d.iteration, iters), initial=d.iteration, total=iters, disable=rank != 0, dynamic_ncols=True)
     t0 = time.time()
     for _ in bar:
@@ -1117,7 +1136,7 @@ def main(teacher=None, prompts=None, text_features=None, out="distill_out", tiny
             with open(Path(out) / "log.jsonl", "a") as f:
                 f.write(json.dumps(logs) + "\n")
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
-        if d.iteration % save_every == 0 or d.iteration == iters:
+        if d.iteration % save_every == 0 or d.iteration == iters:  # every rank: saving is collective
             folder = save_checkpoint(d, out)
             if rank == 0:
                 bar.write(f"saved {folder} (distilled model: {folder / EMA_DIR})")
@@ -1133,6 +1152,7 @@ def read_real_data(path, shapes, text_channels: int) -> RealData:
     if tuple(t["video"].shape[1:]) != tuple(shapes[0]) or tuple(t["audio"].shape[1:]) != tuple(shapes[1]):
         raise ValueError(f"{path}: latents {tuple(t['video'].shape[1:])}, {tuple(t['audio'].shape[1:])} do not "
                          f"match the training size {shapes[0]}, {shapes[1]}")
+    # The GAN compares like with like: real latents must have the training clip's exact shape.
     if t["text"].dim() != 3 or t["text"].shape[-1] != text_channels:
         raise ValueError(f"{path}: text must be [M, L, {text_channels}], got {tuple(t['text'].shape)}")
     return RealData(t["video"], t["audio"], [t["text"][i, : int(n)] for i, n in enumerate(t["text_len"])])
@@ -1155,10 +1175,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     p.add_argument("--device", default=None)
     p.add_argument("--gan-data", help="real paired latents for --gan (safetensors: video, audio, text, text_len)")
-    # Every DistillConfig field is a flag of the same name.
+    # Every DistillConfig field is a flag of the same name (defaults = the real-run values).
     for f in DistillConfig.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or isinstance(f.default, bool):
+        if f.type == "bool" or isinstance(f.default, bool):  # --gan / --no-gan, etc.
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif f.name == "betas":
             p.add_argument(flag, type=float, nargs=2, default=f.default)
@@ -1174,5 +1194,5 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(**vars(args))
-    except (ValueError, load_weights.CheckpointError) as e:
+    except (ValueError, load_weights.CheckpointError) as e:  # bad input: one line, no traceback
         sys.exit(f"distill.py: error: {e}")
