@@ -23,10 +23,11 @@ The idea in a few lines (§2, §3, §9):
 Latents are handled as a tuple with one tensor per modality, (video [B, 48, T, h, w], audio
 [B, N, 64]); every per-modality loss is a separate mean with its own weight.
 
-Run: `torchrun --nproc-per-node 8 distill.py --teacher DIR --prompts FILE --text-features FILE --out DIR`
-(FSDP2; the same script runs as one plain process too), `python distill.py --tiny-random --out DIR`
-(CPU demo with random weights). README "Distillation (DMD-2)" has the memory/GPU estimates. The DMD code is generic over the network: `test_all.py` runs the very same
-`Distiller` on a 2-D Gaussian-mixture toy (§13) through `velocity_fn`.
+Run: `torchrun --nproc-per-node 8 distill.py --teacher DIR --prompts FILE --out DIR` (FSDP2; the
+same script runs as one plain process too; the prompts are encoded once with T5-Gemma and cached),
+`python distill.py --tiny-random --out DIR` (CPU demo with random weights). README "Distillation
+(DMD-2)" has the memory/GPU estimates. The DMD code is generic over the network: `test_all.py` runs
+the very same `Distiller` on a 2-D Gaussian-mixture toy (§13) through `velocity_fn`.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def student_sigmas(steps: int, shift: float = 5.0, sigma_max: float = SIGMA_MAX)
     Exactly `FlowUniPCMultistepScheduler.set_timesteps(K, shift)` (sampling spec §7.2): numpy float64
     linspace from σ_max down to 0 with the last point dropped, shifted, 0 appended, cast to float32.
     K = 8 gives 0.9998, 0.9720, 0.9373, 0.8926, 0.8331, 0.7497, 0.6247, 0.4164, 0.
-    TODO(sample.py): reuse sample.py's schedule function once it is on main.
+    With the default σ_max this equals `sample.flow_schedule(K, shift)`'s sigmas bit for bit (a test
+    checks it); σ_max is a parameter only so the 2-D toy can use the plain grid 1 - k/K.
     """
     u = np.linspace(sigma_max, 0.0, steps + 1)[:-1]  # float64, σ_max·(1 − k/K)
     return torch.tensor(np.append(shift_sigma(u, shift), 0.0), dtype=torch.float32)
@@ -1017,19 +1019,29 @@ def read_text_features(path, prompts: list, text_channels: int) -> PromptBank:
     return PromptBank([tensors[f"prompt_{i:06d}"] for i in range(len(prompts))], tensors["negative"])
 
 
-def encode_text_features(path, prompts: list, device):
-    """HOOK(text_encoder.py): compute the features of every prompt and of the negative prompt once,
-    with T5-Gemma, and cache them at `path`. Until text_encoder.py lands, a features file is required.
-    """
-    try:
-        import text_encoder  # noqa: F401  (lazy: 9B encoder, only needed once per prompt file)
-    except ImportError:
-        raise ValueError(f"{path}: text-features file not found, and text_encoder.py is not available to "
-                         "compute it; pass --text-features with a cache made by write_text_features") from None
-    # HOOK: once text_encoder.py (and sample.py's NEGATIVE_PROMPT) are on main, encode here, e.g.
-    #   enc = text_encoder.load(...); feats = [enc(p) for p in prompts]; neg = enc(sample.NEGATIVE_PROMPT)
-    #   write_text_features(path, prompts, feats, neg)
-    raise ValueError(f"{path}: text-features file not found; computing it with text_encoder.py is not wired up yet")
+def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: int = 0):
+    """Encode every prompt and the negative prompt once with T5-Gemma (as sample.py does: whole
+    prompt, bf16 -> fp16 -> fp32, at most 640 rows) and cache them at `path`. Rank 0 encodes, the
+    others wait for the file; the 9B encoder is freed before training starts."""
+    import text_encoder as te
+
+    if rank == 0:
+        text_encoder_dir = Path(text_encoder_dir)
+        device = torch.device(device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        enc = load_weights.load_text_encoder(text_encoder_dir, dtype, device)
+        tok = load_weights.load_text_tokenizer(text_encoder_dir)
+        feats = [te.encode_prompt(enc, tok, p)[0][0].cpu() for p in prompts]  # [n_i, C] each
+        negative = te.encode_prompt(enc, tok, te.NEGATIVE_PROMPT)[0][0].cpu()
+        del enc
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        write_text_features(tmp, prompts, feats, negative)
+        os.replace(tmp, path)  # other ranks (and later runs) only ever see a complete file
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 # ==================================================================================================
@@ -1079,7 +1091,7 @@ def build(teacher, prompts: PromptBank, cfg: DistillConfig, dit_cfg: DiTConfig, 
     return d
 
 
-def main(teacher=None, prompts=None, text_features=None, out="distill_out", tiny_random=False, iters=1000,
+def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out="distill_out", tiny_random=False, iters=1000,
          seconds=4.0, width=448, height=256, gan_data=None, save_every=200, log_every=10, resume=False,
          device=None, **overrides):
     """Train with DMD-2 and write checkpoints to `out` (see `save_checkpoint`); `overrides` are
@@ -1113,7 +1125,11 @@ def main(teacher=None, prompts=None, text_features=None, out="distill_out", tiny
         texts = read_prompts(prompts)
         features = Path(text_features or Path(out) / "text_features.safetensors")
         if not features.is_file():  # computed once, then every run (and resume) reads the cache
-            encode_text_features(features, texts, device)
+            text_dir = Path(text_encoder or Path(teacher).parent.parent / load_weights.TEXT_DIR)
+            if not (text_dir / "config.json").is_file():
+                raise ValueError(f"{features} does not exist and no text encoder was found at {text_dir}: "
+                                 "pass --text-encoder DIR (the t5gemma-9b-9b-ul2 folder) or --text-features FILE")
+            encode_text_features(features, texts, device, text_dir, rank)
         bank = read_text_features(features, texts, dit_cfg.text_in_channels)
         if cfg.gan:
             if gan_data is None:
@@ -1164,6 +1180,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher", help="teacher DiT checkpoint folder (the released base model)")
     p.add_argument("--prompts", help="text file, one prompt per line")
     p.add_argument("--text-features", help="cached text features (safetensors; default OUT/text_features.safetensors)")
+    p.add_argument("--text-encoder", help="T5-Gemma folder used to compute the features once "
+                                          "(default: t5gemma-9b-9b-ul2 beside the daVinci-MagiHuman folder)")
     p.add_argument("--out", default="distill_out", help="output folder for checkpoints and log.jsonl")
     p.add_argument("--tiny-random", action="store_true", help="tiny random DiT and text on CPU (demo / test)")
     p.add_argument("--iters", type=int, default=1000, help="total iterations (critic steps)")

@@ -2234,3 +2234,38 @@ def test_distill_toy_students_beat_few_step_teacher(toy_teacher, K):
     else:
         assert ours["swd"] <= 0.6 * base["swd"] and ours["precision"] >= base["precision"] + 0.05, msg
         assert ours["audio"] >= base["audio"] - 0.03, msg
+
+
+def test_distill_grid_is_the_sampler_grid():
+    """The student's σ grid is exactly the schedule sample.py's distilled sampler steps along."""
+    import distill
+    for K, shift in ((8, 5.0), (4, 5.0), (6, 3.0)):
+        assert torch.equal(distill.student_sigmas(K, shift), sample.flow_schedule(K, shift)[1])
+
+
+@pytest.mark.filterwarnings("ignore:prompt is .* tokens")
+def test_distill_encodes_prompts_with_the_text_encoder(tmp_path):
+    """Without a features cache, distill.py encodes the prompts (and the negative prompt) with the
+    T5-Gemma release folder once, exactly as sample.py does, and writes the cache."""
+    import distill
+    import text_encoder as te
+    cfg = te.T5GemmaEncoderConfig.tiny()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        enc = te.T5GemmaEncoder(cfg).eval()
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    from safetensors.torch import save_file
+    save_file({f"model.encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"encoder": cfg.to_dict()}))
+    te.tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    prompts = ["a man says hi", "a woman laughs"]
+    path = tmp_path / "feats.safetensors"
+    distill.encode_text_features(path, prompts, "cpu", folder)
+    bank = distill.read_text_features(path, prompts, cfg.hidden_size)
+    tok = te.GemmaTokenizer(te.tiny_tokenizer())
+    for p, f in zip(prompts, bank.features):
+        ref, n = te.encode_prompt(enc, tok, p)
+        assert torch.equal(f.float(), ref[0].half().float()) and f.shape[0] == n  # the cache stores fp16
+    # The tiny tokenizer is character-level: the negative prompt is 1720 tokens, cut to 640 rows.
+    assert bank.negative.shape[0] == min(len(tok.encode(te.NEGATIVE_PROMPT)), te.TEXT_MAX_LEN)
