@@ -2025,7 +2025,7 @@ def test_distill_cli_tiny_random_and_resume(tmp_path):
     for bad, message in (
         (["--teacher", str(tmp_path / "nope"), "--prompts", str(tmp_path / "missing.txt")], "prompt file not found"),
         (["--teacher", str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "o")],
-         "text-features file not found"),
+         "no text encoder was found"),
     ):
         r = run_cli(*bad)
         assert r.returncode != 0 and message in r.stderr
