@@ -162,7 +162,6 @@ def bench_dit256(args, device, dtype, sp) -> Row:
     ms, peak = time_ms(run, device, args.warmup, args.reps)
     T = sample.latent_length(frames)
     flops = cfg.num_inference_steps * dit_flops(dit.cfg, T, *hw, frames, int(tl[0]))
-    del dit
     return Row("dit256", f"8 x [{T},{hw[0]},{hw[1]}]+{frames}a+{int(tl[0])}t", ms, flops, OFFICIAL_MS["dit256"], peak)
 
 
@@ -185,7 +184,6 @@ def bench_sr(args, device, dtype, sp, which: str) -> Row:
 
     ms, peak = time_ms(run, device, args.warmup, args.reps)
     flops = cfg.sr_num_inference_steps * dit_flops(dit.cfg, T, *sr_hw, frames, int(tl[0]))
-    del dit
     name = f"sr{which[:-1]}"
     return Row(name, f"5 x [{T},{sr_hw[0]},{sr_hw[1]}]+{frames}a+{int(tl[0])}t", ms, flops, OFFICIAL_MS[name], peak)
 

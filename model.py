@@ -26,7 +26,6 @@ linears hold bf16 weights and run bf16 GEMMs; attention runs on bf16 q/k/v. With
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch

@@ -12,12 +12,31 @@ A kind not implemented yet is skipped with the reason "kind not implemented".
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import json
+import math
 import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+import distill
+import load_weights
+import model
+import sample
+import sr
+from model import DIT_PRESETS, DiT, DiTConfig, count_params, dense_attn_mask
 
 HERE = Path(__file__).resolve().parent
 GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", HERE.parent / "shared" / "golden"))
@@ -95,9 +114,6 @@ def test_golden(case):
 # ==================================================================================================
 # The DiT (model.py, load_weights.py)
 # ==================================================================================================
-
-import load_weights  # noqa: E402
-from model import DIT_PRESETS, DiT, DiTConfig, count_params, dense_attn_mask  # noqa: E402
 
 
 def dit_config_from_case(spec) -> DiTConfig:
@@ -392,13 +408,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sp_worker(rank, world, port, out_dir):
+def _sp_worker(rank, world, out_dir):
     """One rank: both golden DiT cases under sequence parallelism, then the two refused setups."""
     import torch.distributed as dist
     from safetensors.torch import save_file
     from model import SequenceParallel
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port to pick (and race for) on a shared CI machine.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=world)
     try:
         for case in ("dit_tiny_t2v", "dit_tiny_sr_local"):
             spec, t = load_case(GOLDEN_DIR / f"{case}.json")
@@ -431,7 +448,7 @@ def test_sequence_parallel(tmp_path, world):
     Without the fallback 3 ranks are refused; ranks with different weights are refused."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
-    mp.spawn(_sp_worker, args=(world, _free_port(), tmp_path), nprocs=world)
+    mp.spawn(_sp_worker, args=(world, tmp_path), nprocs=world)
     for case in ("dit_tiny_t2v", "dit_tiny_sr_local"):
         spec, t = load_case(GOLDEN_DIR / f"{case}.json")
         dit = load_weights.dit_from_state_dict(golden_weights(t), dit_config_from_case(spec), case, block_dtype=torch.float32)
@@ -617,8 +634,6 @@ def test_no_transformers_import():
 
 
 def test_negative_prompt_exact():
-    import hashlib
-
     from text_encoder import NEGATIVE_PROMPT
 
     # spec sampling §4: 1719 characters, no trailing newline, this SHA-256 of the UTF-8 bytes.
@@ -686,12 +701,6 @@ def test_text_loader_strict(tmp_path):
 # ==================================================================================================
 # Sampling (sample.py, sr.py): schedules, the loops, noise order, the SR stage
 # ==================================================================================================
-
-import hashlib
-import re
-
-import sample
-import sr
 
 
 def _noise_list(spec, tensors):
@@ -1045,13 +1054,6 @@ def test_dit_flops_match_spec_table():
 # Video and audio VAEs (vae.py; loaders in load_weights.py)
 # ==================================================================================================
 
-import contextlib  # noqa: E402
-import math  # noqa: E402
-import pickle  # noqa: E402
-import tempfile  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 _VAE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -1572,9 +1574,6 @@ def test_oobleck_decode_lengths_and_resample():
 # The pipeline and its command line (sample.py main, load_weights.py download)
 # ==================================================================================================
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
 
 def probe_mp4(path):
     """(video codec, fps, decoded frame count, pix_fmt, audio codec, sample rate, channels, audio seconds)."""
@@ -1761,18 +1760,6 @@ def test_cli_offload_modes_give_the_same_latents(tmp_path):
 # ==================================================================================================
 # Distillation (distill.py): DMD-2 unit tests (spec dmd2 §13), the 2-D toy, the DiT end to end
 # ==================================================================================================
-
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import distill  # noqa: E402
-import model  # noqa: E402
 
 
 def distill_cfg(**overrides) -> distill.DistillConfig:
@@ -2001,7 +1988,7 @@ def test_distill_text_feature_cache(tmp_path):
         distill.read_text_features(path, prompts, 16)
 
 
-def run_cli(*args, cwd=HERE):
+def run_distill_cli(*args, cwd=HERE):
     return subprocess.run([sys.executable, "distill.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
@@ -2009,9 +1996,9 @@ def test_distill_cli_tiny_random_and_resume(tmp_path):
     """The CLI end to end on CPU: train, checkpoint, resume; bad input is one clear line."""
     common = ["--tiny-random", "--out", str(tmp_path), "--steps", "2", "--log-every", "1", "--save-every", "2",
               "--batch-size", "1", "--no-grad-checkpointing"]
-    r = run_cli(*common, "--iters", "2")
+    r = run_distill_cli(*common, "--iters", "2")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli(*common, "--iters", "3", "--resume")
+    r = run_distill_cli(*common, "--iters", "3", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout
     state = json.loads((tmp_path / "ckpt-0000003" / "state.json").read_text())
@@ -2027,7 +2014,7 @@ def test_distill_cli_tiny_random_and_resume(tmp_path):
         (["--teacher", str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "o")],
          "no text encoder was found"),
     ):
-        r = run_cli(*bad)
+        r = run_distill_cli(*bad)
         assert r.returncode != 0 and message in r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
