@@ -1,14 +1,22 @@
-"""Sampling for daVinci-MagiHuman: settings, sizes, noise, schedules, the updates and the base loop.
+"""Sampling for daVinci-MagiHuman: settings, sizes, noise, schedules, the loop, the pipeline, the CLI.
+
+    python sample.py --prompt "A woman in a red coat says: welcome back."   (python sample.py --help)
 
 Mirrors the official repository (GAIR-NLP/daVinci-MagiHuman):
 - `inference/pipeline/scheduler_unipc.py`: `FlowUniPCMultistepScheduler` (flow-matching UniPC,
   bh2, order 2, predictor + corrector) and `step_ddim`, as `flow_schedule`, `FlowUniPC`, `step_ddim`;
 - `inference/pipeline/video_generate.py`: `MagiEvaluator.evaluate_with_latent` and
   `schedule_latent_step` (the loop, CFG, the dispatch between the updates) as `denoise`, the base
-  half of `evaluate` as `base_pass`, the ZeroSNR table and the negative prompt;
+  half of `evaluate` as `base_pass`, and the ZeroSNR table (the negative prompt is in text_encoder.py);
 - `inference/pipeline/pipeline.py`: the seeding (`Noise`), and `inference/common/config.py`:
   `EvaluationConfig` (`SampleConfig`).
+- `inference/pipeline/{pipeline,entry,video_process}.py`: the order of the stages (`generate`), the
+  input and output files (`read_image`, `read_audio`, `write_mp4`) and the command line (`main`).
 The SR stage is in sr.py. Facts: ../shared/spec/sampling.md (§ numbers below refer to it).
+
+Reading order: settings and sizes, `Noise`, schedules, the two updates, `denoise` (the loop),
+`base_pass`, then the pipeline: inputs, outputs, `Models` (which networks live where), `generate`,
+and the command line.
 
 The DiT is any callable `dit(video, audio, text, text_len) -> (v_video, v_audio)` (model.py's DiT,
 or a replay stub in the tests): video [1, 48, T, h, w], audio [1, N, 64], text [1, L, C] of which
