@@ -972,7 +972,7 @@ def latent_shapes(seconds: float, width: int, height: int, fps: int = 25) -> tup
 
 
 # ==================================================================================================
-# Text features: a cache file (or, later, text_encoder.py)
+# Text features: encoded once with text_encoder.py, then read from a cache file
 # ==================================================================================================
 
 
