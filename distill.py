@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import load_weights
-from model import DiT, DiTConfig, dit_config
+from model import DiT, DiTConfig, dit_config, init_random_
 
 Latents = tuple  # one tensor per modality: (video [B, 48, T, h, w], audio [B, N, 64])
 MODALITIES = ("video", "audio")
@@ -951,13 +951,7 @@ def load_network(source, cfg: DiTConfig, block_dtype, device, mesh, checkpointin
 
 def random_dit_state_dict(cfg: DiTConfig, seed: int) -> dict:
     """Random teacher weights for --tiny-random (norm deltas small, linears ~ 1/sqrt(fan-in))."""
-    g = torch.Generator().manual_seed(seed)
-    dit = DiT(cfg, block_dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            scale = 0.1 if "norm" in name else p.shape[-1] ** -0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return dit.state_dict()
+    return init_random_(DiT(cfg, block_dtype=torch.float32), seed, norm_std=0.1).state_dict()
 
 
 def latent_shapes(seconds: float, width: int, height: int, fps: int = 25) -> tuple:

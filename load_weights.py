@@ -116,11 +116,6 @@ def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], sourc
     return module
 
 
-def materialize_meta(module: nn.Module, device="cpu") -> nn.Module:
-    """Give real (uninitialised) storage to anything still on `meta` (used when no checkpoint exists)."""
-    return module.to_empty(device=device)
-
-
 # ==================================================================================================
 # The DiT (base, distill, 540p SR, 1080p SR): `model.safetensors`, or shards + index, or `.zst` shards
 # ==================================================================================================

@@ -802,18 +802,21 @@ class LayerStreamer:
             p.data = self.host[i][n]  # drop the device copy; the allocator reuses its memory
 
 
-def init_random_(dit: "DiT", seed: int = 0) -> "DiT":
+def init_random_(dit: "DiT", seed: int = 0, norm_std: float = 0.0) -> "DiT":
     """Random weights in place (for `--tiny-random`, benchmarks and tests; no checkpoint needed).
 
-    Linears get N(0, 1/fan_in), biases zero, norm deltas zero (identity gains, as upstream's init),
-    the RoPE bands their formula. Drawn from a generator on the weights' device, so the same seed
-    gives the same model on every rank.
+    Linears get N(0, 1/fan_in), biases zero, the RoPE bands their formula, norm deltas zero
+    (identity gains, as upstream's init) or N(0, norm_std²) (tests use that so a mis-routed expert
+    norm shows). Drawn from a generator on the weights' device, so the same seed gives the same
+    model on every rank.
     """
     g = torch.Generator(device=next(dit.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in dit.named_parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device) * p.shape[-1] ** -0.5)
+            elif "norm" in name and norm_std > 0:
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device) * norm_std)
             else:
                 p.zero_()
         nb = dit.adapter.rope.bands.numel()

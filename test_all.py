@@ -145,13 +145,7 @@ def tiny_dit_config(**overrides) -> DiTConfig:
 
 def random_dit(cfg: DiTConfig, block_dtype=torch.float32, seed=0) -> DiT:
     """A DiT with random weights everywhere (norm deltas too, so a mis-routed expert shows)."""
-    g = torch.Generator().manual_seed(seed)
-    dit = DiT(cfg, block_dtype=block_dtype)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            scale = 0.2 if "norm" in name else p.shape[-1] ** -0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return dit.eval()
+    return model.init_random_(DiT(cfg, block_dtype=block_dtype), seed, norm_std=0.2).eval()
 
 
 def dit_inputs(cfg: DiTConfig, B=1, T=3, h=4, w=6, Na=9, Lpad=7, seed=1):
