@@ -564,7 +564,9 @@ class DiT(nn.Module):
             rope = self.rope(video_shape, layout, text_len, device)
             R = self.cfg.frame_receptive_field if self.cfg.local_attn_layers else None
             masks = attention_masks(layout, R, len(text_len), device, use_flex)
-            self._tables = {key: (rope, masks)}  # keep only the latest shape
+            if len(self._tables) >= 4:  # cond and uncond passes alternate two shapes; keep a few
+                self._tables.clear()
+            self._tables[key] = (rope, masks)
         return self._tables[key]
 
     def embed(self, video, audio, text, text_len: list[int], layout: SeqLayout) -> torch.Tensor:
