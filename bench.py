@@ -309,6 +309,7 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
     args.reps = args.reps or (2 if args.tiny else 3)
+    torch.set_grad_enabled(False)  # inference only: no autograd graphs, no saved activations
 
     import os
 
