@@ -360,6 +360,7 @@ def main(argv=None) -> int:
             rows_json = [{"stage": r.stage, "ms": r.ms, "peak_gib": r.peak_gib} for r in rows]
             Path(args.json_out).write_text(json.dumps({"device": name, "world": world, "rows": rows_json}))
     if distributed:
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -1007,6 +1007,10 @@ def main(argv=None) -> int:
             print(f"wrote {out} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {cfg.fps} fps, "
                   f"{audio.shape[0] / OUT_RATE:.2f} s of audio)")
             print(format_timings(timer.times))
+        if sp is not None:
+            import torch.distributed as dist
+
+            dist.barrier()  # the other ranks wait for rank 0's files before gloo/NCCL is torn down
     except (InputError, lw.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -431,6 +431,7 @@ def _sp_worker(rank, world, out_dir):
         except ValueError as e:
             errors.append(str(e))
         (out_dir / f"errors{rank}.json").write_text(json.dumps(errors))
+        dist.barrier()  # nobody tears gloo down while a peer is still talking to it
     finally:
         dist.destroy_process_group()
 
