@@ -1029,9 +1029,8 @@ def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: in
         negative = te.encode_prompt(enc, tok, te.NEGATIVE_PROMPT)[0][0].cpu()
         del enc
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        write_text_features(tmp, prompts, feats, negative)
-        os.replace(tmp, path)  # other ranks (and later runs) only ever see a complete file
+        # Other ranks (and later runs) only ever see a complete file.
+        load_weights.atomic_write(path, lambda tmp: write_text_features(tmp, prompts, feats, negative))
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -91,6 +91,19 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
+def atomic_write(path, write) -> None:
+    """Run `write(tmp_path)` and rename the result to `path`; on any failure (Ctrl-C included) the
+    temporary file is removed and `path` is left as it was, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Load `sd` into `module` (usually built on the meta device) with `assign=True`.
 
@@ -152,6 +165,17 @@ def _read_zst(path: Path, keys) -> dict[str, torch.Tensor]:
     return {k: tensors[k] for k in keys}
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """{tensor name: shard file name} of a `model.safetensors.index.json`."""
+    try:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({_first_line(e)})") from None
+    return weight_map
+
+
 def dit_checkpoint_files(folder: str | os.PathLike) -> tuple[dict[str, list[str]], str]:
     """Which keys live in which file: {file path: [keys]} and a name for messages.
 
@@ -164,12 +188,8 @@ def dit_checkpoint_files(folder: str | os.PathLike) -> tuple[dict[str, list[str]
         return {str(folder): _safetensors_keys(folder)}, str(folder)
     index = folder / DIT_INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})") from None
         files: dict[str, list[str]] = {}
-        for key, shard in weight_map.items():
+        for key, shard in read_weight_map(index).items():
             files.setdefault(shard, []).append(key)
         resolved = {}
         for shard, keys in files.items():
@@ -185,25 +205,28 @@ def dit_checkpoint_files(folder: str | os.PathLike) -> tuple[dict[str, list[str]
 
 
 def read_checkpoint(files: dict[str, list[str]], expected: dict[str, torch.Tensor], source: str,
-                    device="cpu") -> dict[str, torch.Tensor]:
+                    device="cpu", rename: dict[str, str] | None = None, note: str = "") -> dict[str, torch.Tensor]:
     """Read every listed key, casting each tensor to its module's dtype and moving it to `device` as
     it is read, so an fp32 file never sits in memory whole next to its bf16 copy.
 
     The key sets are compared first (from the index or the file headers), so a wrong checkpoint
-    fails before gigabytes are read.
+    fails before gigabytes are read. `rename` maps checkpoint names to module names (default: the
+    same); `note` follows the file name in messages (e.g. which prefix was stripped).
     """
-    listed = {k for keys in files.values() for k in keys}
+    rename = rename or {}
+    listed = {rename.get(k, k) for keys in files.values() for k in keys}
     missing, unexpected = expected.keys() - listed, listed - expected.keys()
     if missing or unexpected:
         parts = ([f"missing key(s): {_short_list(missing)}"] if missing else []) + (
             [f"unexpected key(s): {_short_list(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{source}: " + "; ".join(parts))
+        raise CheckpointError(f"{source}{note}: " + "; ".join(parts))
     sd = {}
     for path, keys in files.items():
         tensors = _read_zst(Path(path), keys) if path.endswith(".zst") else read_safetensors(path, keys)
-        for k, t in tensors.items():
+        for name, t in tensors.items():
+            k = rename.get(name, name)
             if tuple(t.shape) != tuple(expected[k].shape):
-                raise CheckpointError(f"{path}: key {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+                raise CheckpointError(f"{path}{note}: key {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
             sd[k] = t.to(device=device, dtype=expected[k].dtype)
     return sd
 
@@ -272,13 +295,6 @@ def _meta_text_encoder(config, dtype):
         return T5GemmaEncoder(config).to(dtype)
 
 
-def _check_shapes(sd: dict, expected: dict, source: str) -> None:
-    # Only shapes: missing/extra keys are load_state_dict_strict's job, once everything is read.
-    for k, v in sd.items():
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{source}: key {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-
-
 def text_encoder_from_state_dict(sd: dict, config, dtype=torch.float32, device="cpu", source="<state dict>"):
     """Build the encoder from an in-memory state dict under the release's names (golden harness path).
 
@@ -293,13 +309,14 @@ def text_encoder_from_state_dict(sd: dict, config, dtype=torch.float32, device="
     return _finish_text_encoder(config, {short: sd[name] for name, short in names.items()}, dtype, device, source)
 
 
+TEXT_KEYS_NOTE = f" (keys after '{TEXT_ENCODER_PREFIXES[0]}')"  # messages name keys without the prefix
+
+
 def _finish_text_encoder(config, sd: dict, dtype, device, source: str):
     """Shared tail of both loaders: strict assign-load into a meta-built encoder, eval mode."""
-    source = f"{source} (keys after '{TEXT_ENCODER_PREFIXES[0]}')"
     module = _meta_text_encoder(config, dtype)
-    _check_shapes(sd, module.state_dict(keep_vars=True), source)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}  # no-op for tensors read per shard
-    return load_state_dict_strict(module, sd, source).eval()
+    return load_state_dict_strict(module, sd, source + TEXT_KEYS_NOTE).eval()
 
 
 def _read_json(path: Path) -> dict:
@@ -336,29 +353,21 @@ def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu"):
     config = load_text_encoder_config(weights_dir)
     index_path = weights_dir / "model.safetensors.index.json"
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index_path}: no 'weight_map' object")
+        weight_map = read_weight_map(index_path)
         source = str(index_path)
     else:  # an unsharded save: one model.safetensors
         single = weights_dir / "model.safetensors"
         weight_map = {k: single.name for k in _safetensors_keys(single)}
         source = str(single)
     names = _text_encoder_names(weight_map.keys(), source)
-    expected = _meta_text_encoder(config, dtype).state_dict(keep_vars=True)
     # Group the encoder keys by shard: a shard holding only decoder tensors is never opened.
-    by_shard: dict[str, list[str]] = {}
+    files: dict[str, list[str]] = {}
     for name in names:
-        by_shard.setdefault(weight_map[name], []).append(name)
-    sd = {}
-    for shard, keys in sorted(by_shard.items()):
-        shard_path = weights_dir / shard
-        part = {names[k]: v for k, v in read_safetensors(shard_path, keys).items()}
-        # Name the shard holding a mis-shaped key (load_state_dict_strict only knows the index).
-        _check_shapes(part, expected, f"{shard_path} (keys after '{TEXT_ENCODER_PREFIXES[0]}')")
-        # Cast and move now, so the host never holds more than this shard (the release is bf16 already).
-        sd.update({k: v.to(device=device, dtype=dtype) for k, v in part.items()})
-        del part
+        files.setdefault(str(weights_dir / weight_map[name]), []).append(name)
+    # The DiT's reader: key sets checked before any data is read, each shard cast and moved as it is
+    # read (the host never holds more than one shard), a mis-shaped key reported with its shard.
+    expected = _meta_text_encoder(config, dtype).state_dict(keep_vars=True)
+    sd = read_checkpoint(dict(sorted(files.items())), expected, source, device, rename=names, note=TEXT_KEYS_NOTE)
     return _finish_text_encoder(config, sd, dtype, device, source)
 
 
@@ -418,11 +427,9 @@ def cached_text_features(weights_dir, text: str, compute, variant: str = "", cac
             pass  # a truncated or foreign file: recompute and overwrite it
     features, n = compute()
     features = features.detach().float().cpu().contiguous()  # hits and misses both return CPU tensors
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"features": features}, str(tmp), metadata={"n": str(n)})
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        atomic_write(path, lambda tmp: save_file({"features": features}, str(tmp), metadata={"n": str(n)}))
     except OSError as e:  # a read-only or full disk only costs the next run an encode
         import warnings
 
@@ -635,7 +642,7 @@ def download_patterns(models=DIT_MODELS) -> dict[str, list[str]]:
 
 def encoder_shards(index_path) -> list[str]:
     """The shards of the T5-Gemma release that hold encoder tensors (the decoder half is skipped)."""
-    weight_map = _read_json(Path(index_path)).get("weight_map", {})
+    weight_map = read_weight_map(Path(index_path))
     return sorted({shard for key, shard in weight_map.items() if key.startswith(TEXT_ENCODER_PREFIXES)})
 
 

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from load_weights import atomic_write
+
 # ==================================================================================================
 # Settings (official EvaluationConfig, inference/common/config.py) and the example presets
 # ==================================================================================================
@@ -524,22 +526,6 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return (x.permute(1, 2, 3, 0) * 255).cpu().numpy().astype(np.uint8)  # F H W 3
 
 
-def _atomic(path, write) -> None:
-    """Run `write(tmp_path)` and rename the result to `path`; on any failure (Ctrl-C included) the
-    temporary file is removed and `path` is left as it was."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_mp4(path, frames: np.ndarray, audio: np.ndarray | None, fps: int = 25) -> None:
     """frames uint8 [F, H, W, 3], audio float32 [N, 2] at 44.1 kHz -> one mp4: H.264 yuv420p + AAC.
 
@@ -569,7 +555,7 @@ def write_mp4(path, frames: np.ndarray, audio: np.ndarray | None, fps: int = 25)
                     out.mux(a.encode(frame))
                 out.mux(a.encode())
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def write_wav(path, audio: np.ndarray, rate: int = OUT_RATE) -> None:
@@ -585,7 +571,7 @@ def write_wav(path, audio: np.ndarray, rate: int = OUT_RATE) -> None:
             w.setframerate(rate)
             w.writeframes(pcm.tobytes())
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 # ==================================================================================================
@@ -1003,7 +989,7 @@ def main(argv=None) -> int:
                 if args.latents:
                     from safetensors.torch import save_file
 
-                    _atomic(args.latents, lambda tmp: save_file(latents, str(tmp)))
+                    atomic_write(args.latents, lambda tmp: save_file(latents, str(tmp)))
             print(f"wrote {out} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {cfg.fps} fps, "
                   f"{audio.shape[0] / OUT_RATE:.2f} s of audio)")
             print(format_timings(timer.times))
