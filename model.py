@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VIDEO, AUDIO, TEXT = 0, 1, 2  # modality ids = expert index inside every mm layer (spec §6.2)
 PATCH = 2  # spatial patch size; the temporal patch size is 1 (DataProxyConfig)
 
 # ==================================================================================================
