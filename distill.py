@@ -37,7 +37,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -974,7 +973,11 @@ def read_prompts(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: prompt file not found")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts (one per line expected)")
     return prompts
@@ -1013,7 +1016,7 @@ def read_text_features(path, prompts: list, text_channels: int) -> PromptBank:
     return PromptBank([tensors[f"prompt_{i:06d}"] for i in range(len(prompts))], tensors["negative"])
 
 
-def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: int = 0):
+def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: int = 0, text_channels: int | None = None):
     """Encode every prompt and the negative prompt once with T5-Gemma (as sample.py does: whole
     prompt, bf16 -> fp16 -> fp32, at most 640 rows) and cache them at `path`. Rank 0 encodes, the
     others wait for the file; the 9B encoder is freed before training starts."""
@@ -1028,6 +1031,10 @@ def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: in
         feats = [te.encode_prompt(enc, tok, p)[0][0].cpu() for p in prompts]  # [n_i, C] each
         negative = te.encode_prompt(enc, tok, te.NEGATIVE_PROMPT)[0][0].cpu()
         del enc
+        if text_channels is not None and negative.shape[1] != text_channels:
+            # checked before the cache is written: a wrong cache would fail every later run too
+            raise ValueError(f"{text_encoder_dir}: the text encoder gives {negative.shape[1]} features per "
+                             f"token, the DiT reads {text_channels}; is this the t5gemma-9b-9b-ul2 folder?")
         path.parent.mkdir(parents=True, exist_ok=True)
         # Other ranks (and later runs) only ever see a complete file.
         load_weights.atomic_write(path, lambda tmp: write_text_features(tmp, prompts, feats, negative))
@@ -1091,6 +1098,10 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
     DistillConfig fields."""
     from tqdm import tqdm
 
+    if not tiny_random:
+        _check_inputs(teacher, prompts, text_features, out, seconds, width, height)
+    elif os.path.lexists(out) and not Path(out).is_dir():
+        raise load_weights.InputError(f"--out {out}: exists and is not a folder")
     rank, world, mesh, device = init_distributed(device)
     cfg = DistillConfig(**overrides)
     if cfg.gan_layer < 0:
@@ -1122,7 +1133,7 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
             if not (text_dir / "config.json").is_file():
                 raise ValueError(f"{features} does not exist and no text encoder was found at {text_dir}: "
                                  "pass --text-encoder DIR (the t5gemma-9b-9b-ul2 folder) or --text-features FILE")
-            encode_text_features(features, texts, device, text_dir, rank)
+            encode_text_features(features, texts, device, text_dir, rank, dit_cfg.text_in_channels)
         bank = read_text_features(features, texts, dit_cfg.text_in_channels)
         if cfg.gan:
             if gan_data is None:
@@ -1152,6 +1163,24 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
     return d
 
 
+def _check_inputs(teacher, prompts, text_features, out, seconds, width, height) -> None:
+    """Every path and size of a real run, checked before a network is built or a file written."""
+    if not seconds > 0:
+        raise load_weights.InputError(f"--seconds must be positive, got {seconds}")
+    latent_shapes(seconds, width, height)  # refuses sizes under 32 px
+    if teacher is None or prompts is None:
+        raise load_weights.InputError("--teacher and --prompts are required (or use --tiny-random)")
+    if not Path(teacher).is_dir():
+        raise load_weights.InputError(f"--teacher {teacher}: folder not found (the released base model's folder)")
+    load_weights.dit_checkpoint_files(teacher)  # names the missing index/shard if the folder is not a checkpoint
+    if os.path.lexists(out) and not Path(out).is_dir():
+        raise load_weights.InputError(f"--out {out}: exists and is not a folder")
+    if not Path(out).is_dir() and not Path(out).absolute().parent.is_dir():
+        raise load_weights.InputError(f"--out {out}: folder {Path(out).absolute().parent} does not exist")
+    if text_features is not None and os.path.lexists(text_features) and not Path(text_features).is_file():
+        raise load_weights.InputError(f"--text-features {text_features}: not a regular file")
+
+
 def read_real_data(path, shapes, text_channels: int) -> RealData:
     """GAN data file: `video` [M, 48, T, h, w], `audio` [M, N, 64], `text` [M, L, C], `text_len` [M]."""
     t = load_weights.read_safetensors(path)
@@ -1168,7 +1197,7 @@ def read_real_data(path, shapes, text_channels: int) -> RealData:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DMD-2 distillation of the daVinci-MagiHuman DiT into an "
+    p = load_weights.OneLineParser(description="DMD-2 distillation of the daVinci-MagiHuman DiT into an "
                                 "8-step CFG-free student. Multi-GPU: torchrun --nproc-per-node N distill.py ...")
     p.add_argument("--teacher", help="teacher DiT checkpoint folder (the released base model)")
     p.add_argument("--prompts", help="text file, one prompt per line")
@@ -1201,9 +1230,13 @@ def parse_args(argv=None):
     return args
 
 
+def cli(argv=None) -> int:
+    """The command line: bad input (every ValueError here is one), a full disk, Ctrl-C or SIGTERM give
+    one line on stderr and exit status 2; checkpoints are written atomically."""
+    args = parse_args(argv)
+    return load_weights.guarded(lambda: main(**vars(args)) and None, user_errors=(ValueError,),
+                                interrupted=lambda: "interrupted: checkpoints saved so far are complete (--resume continues)")
+
+
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        main(**vars(args))
-    except (ValueError, load_weights.CheckpointError) as e:  # bad input: one line, no traceback
-        sys.exit(f"distill.py: error: {e}")
+    raise SystemExit(cli())

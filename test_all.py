@@ -1636,8 +1636,8 @@ def _bad_inputs(tmp_path):
         "image bad": (["--image", str(tmp_path / "not_image.png")], "not a readable image"),
         "audio missing": (["--audio", str(tmp_path / "nope.wav")], "file not found"),
         "audio bad": (["--audio", str(tmp_path / "not_audio.wav")], "not a readable audio file"),
-        "out dir missing": (["--out", str(tmp_path / "no" / "such" / "dir.mp4")], "cannot write there"),
-        "out is a dir": (["--out", str(tmp_path)], "cannot write there"),
+        "out dir missing": (["--out", str(tmp_path / "no" / "such" / "dir.mp4")], "does not exist"),
+        "out is a dir": (["--out", str(tmp_path)], "the extension must be"),
     }
 
 
