@@ -524,8 +524,8 @@ def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu"):
 
     bf16 by default (as the official pipeline runs it); float32 on request. Tensors are read shard by
     shard, cast and moved to `device` at once, so host memory holds at most one shard's encoder part.
-    About 18.5 GB in bf16: on a 24 GB card, encode on CPU (`device="cpu"`) or offload after encoding
-    (`text_encoder.offload_text_encoder`), and use `cached_text_features` to skip it on later runs.
+    About 18.5 GB in bf16: on a 24 GB card, encode on CPU (`device="cpu"`) or move it off the card
+    after encoding (sample.Models does), and use `cached_text_features` to skip it on later runs.
     """
     weights_dir = Path(weights_dir)
     config = load_text_encoder_config(weights_dir)

@@ -46,13 +46,14 @@ from load_weights import InputError, atomic_write_all
 
 @dataclass
 class SampleConfig:
-    """Sampling settings; field names and defaults are the official `EvaluationConfig`'s."""
+    """Sampling settings; field names and defaults are the official `EvaluationConfig`'s. Two of its
+    fields live where they are used: `t5_gemma_target_length` is text_encoder.TEXT_MAX_LEN (640) and
+    `use_turbo_vae` is `Request.vae` ("turbo", the official default, or "wan")."""
 
     fps: int = 25
     num_inference_steps: int = 32  # base pass
     video_txt_guidance_scale: float = 5.0  # base video CFG while t > 500 (2.0 after, hard-coded)
     audio_txt_guidance_scale: float = 5.0  # audio CFG, constant
-    t5_gemma_target_length: int = 640  # prompts are truncated at this many tokens
     shift: float = 5.0  # timestep shift, base and SR
     cfg_number: int = 2  # 1: cond pass only (-> step_ddim, the distilled model); 2: cond + uncond
     sr_cfg_number: int = 2  # the same for the SR pass (never step_ddim there)
@@ -64,7 +65,6 @@ class SampleConfig:
     cfg_trick_start_frame: int = 13  # ... this many, counted in latent frames ...
     cfg_trick_value: float = 2.0  # ... at this value
     sr_audio_noise_scale: float = 0.7  # SR audio input = 0.7 * noise + 0.3 * base audio
-    use_turbo_vae: bool = True  # decode with TurboVAED rather than the Wan2.2 decoder
 
 
 # The four example configs (example/*/config.json), under the names of model.DIT_PRESETS so one
