@@ -504,8 +504,8 @@ def read_image(path):
             image = Image.open(path)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"--image {path}: over {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (PIL's "
-                         "decompression-bomb limit); scale it down first") from None
+        raise InputError(f"--image {path}: over {Image.MAX_IMAGE_PIXELS:,} pixels (PIL's decompression-bomb "
+                         "limit); scale it down first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"--image {path}: not a readable image ({e.__class__.__name__})") from None
     if min(image.size) < MIN_IMAGE_SIDE:
