@@ -828,8 +828,14 @@ def encode_text(models: Models, text: str, text_weights=None, progress: bool = F
     import text_encoder as te
 
     def compute():
+        import warnings
+
         encoder = models.get("text_encoder")
-        with call_bar(list(encoder.layers), len(encoder.layers), "text encode", progress):
+        with call_bar(list(encoder.layers), len(encoder.layers), "text encode", progress), warnings.catch_warnings():
+            if text == te.NEGATIVE_PROMPT:
+                # Cut to 640 tokens like any prompt (as upstream); a warning about it is nothing a user
+                # can act on (it fires with the tiny byte-level tokenizer of --tiny-random).
+                warnings.simplefilter("ignore")
             return te.encode_prompt(encoder, models.get("tokenizer"), text)
 
     if text_weights is None:
