@@ -120,9 +120,12 @@ def atomic_write_all(items) -> None:
         for (path, _), tmp in zip(items, tmps):
             os.replace(tmp, path)
             done.append(path)
-    except BaseException:
+    except BaseException as e:
         for p in tmps + done:
             p.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is not None:  # name the output, not its removed temp
+            names = {str(t): str(p) for t, (p, _) in zip(tmps, items)}
+            e.filename = names.get(str(e.filename), e.filename)
         raise
 
 

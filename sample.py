@@ -582,7 +582,8 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
 
 
-def mp4_writer(frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, container: str = "mp4"):
+def mp4_writer(frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, container: str = "mp4",
+               progress: bool = False):
     """A `write(path)` for `atomic_write_all`: frames uint8 [F, H, W, 3], audio float32 [N, 2] at
     44.1 kHz -> one file: H.264 yuv420p (CRF 10) + AAC.
 
@@ -603,7 +604,7 @@ def mp4_writer(frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, cont
             if audio is not None:
                 a = out.add_stream("aac", rate=OUT_RATE)
                 a.layout = "stereo"
-            for f in frames:
+            for f in tqdm(frames, desc="write video", disable=not progress, leave=False):
                 rgb = av.VideoFrame.from_ndarray(f, format="rgb24")
                 out.mux(v.encode(rgb.reformat(format="yuv420p", interpolation="BICUBIC")))
             out.mux(v.encode())
@@ -1200,7 +1201,7 @@ def _run(args, written: list) -> None:
         if rank == 0:
             frames, audio = result
             out = outputs["--out"]
-            items = [(out, mp4_writer(frames, audio, cfg.fps, CONTAINERS[out.suffix.lower()]))]
+            items = [(out, mp4_writer(frames, audio, cfg.fps, CONTAINERS[out.suffix.lower()], not args.quiet))]
             if "--wav" in outputs:
                 items.append((outputs["--wav"], wav_writer(audio)))
             if "--latents" in outputs:
