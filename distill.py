@@ -115,6 +115,27 @@ class DistillConfig:
             raise ValueError("steps, critic_ratio and batch_size must all be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        # Every other knob a user can type: finite, and in the range where the formulas mean something.
+        for name, value in asdict(self).items():
+            for v in (value if isinstance(value, tuple) else (value,)):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{name} must be a finite number, got {v}")
+        for lo, hi, what in ((self.grid_sigma_max, None, "grid_sigma_max"), (self.dmd_sigma_min, self.dmd_sigma_max, "dmd"),
+                             (self.critic_sigma_min, self.critic_sigma_max, "critic")):
+            if hi is None and not 0 < lo <= 1:
+                raise ValueError(f"{what} must be in (0, 1], got {lo}")
+            if hi is not None and not 0 <= lo < hi <= 1:
+                raise ValueError(f"{what}_sigma_min/max must satisfy 0 <= min < max <= 1, got {lo}, {hi}")
+        if min(self.grid_shift, self.dmd_shift, self.critic_shift, self.grad_clip) <= 0:
+            raise ValueError("the shifts and grad_clip must be > 0")
+        if min(self.lr_generator, self.lr_critic, self.weight_decay, self.video_weight, self.audio_weight,
+               self.gan_gen_weight, self.gan_disc_weight, self.critic_lora_rank, self.critic_lora_alpha,
+               self.ema_start, self.gan_layer) < 0:
+            raise ValueError("learning rates, weights, decays, critic_lora_rank/alpha, ema_start and gan_layer must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.gan_hidden < 1 or not 0 <= self.cfg_switch_t <= 1000 or not 0 <= self.seed < 2**63:
+            raise ValueError("gan_hidden must be >= 1, cfg_switch_t in [0, 1000], seed in [0, 2**63)")
 
 
 # ==================================================================================================
@@ -1098,8 +1119,11 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
     DistillConfig fields."""
     from tqdm import tqdm
 
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise load_weights.InputError(f"--seconds must be a positive number, got {seconds}")
+    latent_shapes(seconds, width, height)  # refuses sizes under 32 px
     if not tiny_random:
-        _check_inputs(teacher, prompts, text_features, out, seconds, width, height)
+        _check_inputs(teacher, prompts, text_features, out)
     elif os.path.lexists(out) and not Path(out).is_dir():
         raise load_weights.InputError(f"--out {out}: exists and is not a folder")
     rank, world, mesh, device = init_distributed(device)
@@ -1163,11 +1187,8 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
     return d
 
 
-def _check_inputs(teacher, prompts, text_features, out, seconds, width, height) -> None:
+def _check_inputs(teacher, prompts, text_features, out) -> None:
     """Every path and size of a real run, checked before a network is built or a file written."""
-    if not seconds > 0:
-        raise load_weights.InputError(f"--seconds must be positive, got {seconds}")
-    latent_shapes(seconds, width, height)  # refuses sizes under 32 px
     if teacher is None or prompts is None:
         raise load_weights.InputError("--teacher and --prompts are required (or use --tiny-random)")
     if not Path(teacher).is_dir():
