@@ -1186,6 +1186,8 @@ def _run(args, written: list) -> None:
     _check_memory(req, cfg, args, device, dtype)
     builders = tiny_builders(dtype) if args.tiny_random else release_builders(weights, args.model, args.sr, dtype)
     _check_prompt_memory(builders["tokenizer"]("cpu"), req.prompt, device)
+    if args.compile and device.type == "cpu":
+        _check_cpu_compiler()
     try:
         rank, sp = _init_distributed(device)
         if sp is not None and device.type == "cuda":
@@ -1220,6 +1222,17 @@ def _run(args, written: list) -> None:
             dist.barrier()  # the other ranks wait for rank 0's files before gloo/NCCL is torn down
     finally:
         _end_distributed()
+
+
+def _check_cpu_compiler() -> None:
+    """torch.compile on CPU writes C++: without a compiler it would fail deep inside the first step."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:
+        raise InputError("--compile on CPU needs a C++ compiler (g++ or clang++, or set CXX); "
+                         "install one or drop --compile") from None
 
 
 def _shown(path) -> str:
