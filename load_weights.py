@@ -170,6 +170,13 @@ def check_output_path(path, flag: str) -> Path:
         raise InputError(f"{flag} {text}: folder {real.parent} does not exist")
     if not os.access(real.parent, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {text}: folder {real.parent} is not writable")
+    try:
+        name_max = os.pathconf(real.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    extra = len(os.fsencode(_tmp_name(real).name)) - len(os.fsencode(real.name))
+    if len(os.fsencode(real.name)) + extra > name_max:  # the temporary name must fit too
+        raise InputError(f"{flag} {text}: file name too long (at most {name_max - extra} bytes here)")
     return real
 
 

@@ -1115,10 +1115,13 @@ def memory_needed(req: Request, cfg: SampleConfig, model: str, dtype: torch.dtyp
                   on_gpu: bool) -> dict:
     """A lower bound of the memory a request needs, in bytes: {"device": ..., "host": ...}.
 
-    Counted: the decoded video (float32 output, its scaled copy, the uint8 frames), the DiT's
-    residual stream (two copies of tokens x hidden in float32) and, on CPU with released weights,
-    the largest network at the run's dtype. Real use is higher; a request over this bound cannot
-    run at all, so it is refused before anything is allocated.
+    Counted: the decoded video at its peak in `to_uint8_frames` (float32 output, the scaled copy,
+    the x255 copy: 36 bytes per pixel on the device; on a GPU the host then holds a float32 copy,
+    the uint8 frames and the padded frames, 18 bytes), the DiT's residual stream (two copies of
+    tokens x hidden in float32) and, on CPU with released weights, the largest network at the run's
+    dtype. Real use is higher (measured peak RSS on CPU with --tiny-random: 0.97 GB for the default
+    clip, 2.3 GB at --sr 540p, against bounds of 0.45 and 1.8 GB); a request over this bound
+    cannot run at all, so it is refused before anything is allocated.
     """
     from model import dit_config
 
@@ -1129,8 +1132,8 @@ def memory_needed(req: Request, cfg: SampleConfig, model: str, dtype: torch.dtyp
     tokens = T * (h // 32) * (w // 32) + num_frames + 640
     hidden = dit_config("tiny" if tiny else model).hidden_size
     dit_act = 2 * tokens * hidden * 4
-    decode_device = pixels * 3 * (4 + 4)
-    host = pixels * 3 * (4 + 1) if on_gpu else 0
+    decode_device = pixels * 3 * 12 + (0 if on_gpu else pixels * 3)  # + the uint8 frames on CPU
+    host = pixels * 3 * (4 + 1 + 1) if on_gpu else 0
     weights = 0
     if not tiny and not on_gpu:
         weights = int(max(WEIGHTS_GB["dit"], WEIGHTS_GB["text_encoder"]) * 1e9 * (2 if dtype == torch.float32 else 1))

@@ -2280,7 +2280,7 @@ def test_gpu_smoke_tiny_pipeline_compiled_bf16(tmp_path):
     ((480, 272), "540p", (960, 512)), ((480, 272), "1080p", (2048, 1088)),  # 480x272 runs as 480x256
     ((640, 360), "540p", (928, 512)), ((640, 360), "1080p", (1984, 1088)),  # 640x360 runs as 640x352
 ])
-def test_sr_size_from_the_floored_base_size(size, sr_name, expected):
+def test_sr_size_from_the_floored_base_size(size, sr_name, expected, tmp_path):
     """The SR size keeps the aspect of the base size as run (floored to 32 px), to within the
     rounding to 32 px; the requested size would squeeze 480x272 by 6.7% (896x512)."""
     w, h = sample.sr_size_for(*size, sr_name)
@@ -2288,7 +2288,7 @@ def test_sr_size_from_the_floored_base_size(size, sr_name, expected):
     bw, bh = sample.floored_size(*size)
     assert abs(w / h - bw / bh) <= 16 / h  # half a 32-px step on the long side
     args = sample.build_parser().parse_args(["--prompt", "x", "--size", "{}x{}".format(*size), "--sr", sr_name,
-                                             "--out", "/tmp/x.mp4"])
+                                             "--out", str(tmp_path / "x.mp4")])
     req, cfg, _ = sample._resolve(args)
     assert req.sr_size == expected and cfg.use_sr_model
 
@@ -2453,6 +2453,7 @@ def _bad_requests(d: Path) -> dict:
         "out wav with --wav": (["--out", str(d / "clip.wav"), "--wav"], "extension must be"),
         "out avi": (["--out", str(d / "x.avi")], "extension must be"),
         "out in a missing folder": (["--out", str(d / "no" / "x.mp4")], "does not exist"),
+        "out name too long": (["--out", str(d / ("x" * 250 + ".mp4"))], "file name too long"),
         "latents in a missing folder": (["--latents", str(d / "no" / "x.st")], "does not exist"),
         "latents onto a folder": (["--latents", str(d / "sub")], "a folder"),
         "latents == out": (["--latents", str(d / "o.mp4")], "name the same file"),
