@@ -508,6 +508,9 @@ def read_image(path):
                          "limit); scale it down first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"--image {path}: not a readable image ({e.__class__.__name__})") from None
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # PIL's convert("RGB") (what upstream's loader runs) clips these to 0..255: a white or black frame.
+        raise InputError(f"--image {path}: a {image.mode} (16/32-bit or float) image; save it as 8-bit RGB")
     if min(image.size) < MIN_IMAGE_SIDE:
         raise InputError(f"--image {path}: {image.size[0]}x{image.size[1]} px; width and height must be at "
                          f"least {MIN_IMAGE_SIDE} px")

@@ -2402,6 +2402,8 @@ def _bad_requests(d: Path) -> dict:
     Image.new("RGB", (2000, 1)).save(d / "thin.png")
     Image.new("RGB", (80, 80)).save(d / "bomb.png")  # a bomb once MAX_IMAGE_PIXELS is lowered to 2500
     Image.new("RGB", (56, 56)).save(d / "warn.png")  # over the limit, under twice the limit: PIL warns
+    Image.fromarray(np.full((40, 40), 30000, np.uint16)).save(d / "deep.png")  # 16-bit: clips to white
+    Image.fromarray(np.full((40, 40), 0.5, np.float32)).save(d / "float.tif")  # float: clips to black
     (d / "sub").mkdir()
     (d / "old.mp4").write_bytes(b"old")
     os.symlink(os.devnull, d / "devlink.mp4")
@@ -2442,6 +2444,8 @@ def _bad_requests(d: Path) -> dict:
         "image bomb": (["--image", str(d / "bomb.png")], "decompression-bomb"),
         "image bomb warning": (["--image", str(d / "warn.png")], "decompression-bomb"),
         "image not an image": (["--image", str(d / "bad.txt")], "not a readable image"),
+        "image 16-bit": (["--image", str(d / "deep.png")], "save it as 8-bit RGB"),
+        "image float": (["--image", str(d / "float.tif")], "save it as 8-bit RGB"),
         "image is a folder": (["--image", str(d / "sub")], "not a regular file"),
         "audio not audio": (["--audio", str(d / "bad.txt")], "not a readable audio file"),
         "audio is a folder": (["--audio", str(d / "sub")], "not a regular file"),
