@@ -12,6 +12,10 @@ be the worst failure mode.
 Models are built on the `meta` device and loaded with `assign=True`, so a 15B model never exists
 twice in host memory and no time is spent on a random initialisation that is thrown away.
 Pickled files are only ever read with `torch.load(weights_only=True)`.
+
+It also holds the few file and command-line helpers every entry point shares (sample.py, distill.py,
+bench.py, this file): atomic all-or-none writes, output/input path checks, `--device` parsing and
+`guarded`, which turns bad input, a full disk, Ctrl-C or SIGTERM into one line and exit status 2.
 """
 
 from __future__ import annotations
