@@ -2,8 +2,8 @@
 
 Run with `python -m pytest -q test_all.py`. Everything runs on CPU in a few minutes.
 
-Golden harness (contract in ../shared/golden/README.md): every `*.json` case in $GOLDEN_DIR
-(default ../shared/golden beside the checkout) becomes one `test_golden[<case>]`. It dispatches on
+Golden harness (contract in golden/README.md): every `*.json` case in $GOLDEN_DIR
+(default: the repo's own golden/ folder) becomes one `test_golden[<case>]`. It dispatches on
 the case's `kind` through GOLDEN_KINDS, loads the `w.*` tensors through load_weights.py (strict,
 official key names), runs our component with every hyper-parameter read from the case's json, and
 asserts every entry of `tol` (and `tol_replay` / `tol_bf16` where present) as a relative L2 error.
@@ -39,7 +39,7 @@ import sr
 from model import DIT_PRESETS, DiT, DiTConfig, count_params, dense_attn_mask
 
 HERE = Path(__file__).resolve().parent
-GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", HERE.parent / "shared" / "golden"))
+GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", HERE / "golden"))
 GOLDEN_CASES = sorted(GOLDEN_DIR.glob("*.json"))
 
 
