@@ -43,17 +43,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
 
 import load_weights
-from model import DiT, DiTConfig, dit_config, init_random_
+import model as dit_lib
+import sample
+import text_encoder as te
+from model import DiT, DiTConfig, dit_config
+from sample import GUIDANCE_SWITCH_T, LATE_VIDEO_GUIDANCE, SampleConfig, shift_sigma
 
 Latents = tuple  # one tensor per modality: (video [B, 48, T, h, w], audio [B, N, 64])
 MODALITIES = ("video", "audio")
-SIGMA_MAX = float(np.float32(0.999))  # the scheduler's σ_max: float32(0.999), not 1 (sampling spec §7.2)
 
 # ==================================================================================================
 # Configuration
@@ -68,12 +79,11 @@ class DistillConfig:
     # Student sampler (§10): K steps on the shifted grid of `set_timesteps(K, shift=5)`.
     steps: int = 8
     grid_shift: float = 5.0
-    grid_sigma_max: float = SIGMA_MAX
+    grid_sigma_max: float | None = None  # None: the scheduler's float32(0.999); the 2-D toy uses 1
     # Real score (§1): the base sampler's CFG, video 5.0 while t > 500 else 2.0, audio 5.0 always.
-    cfg_video_high: float = 5.0
-    cfg_video_low: float = 2.0
-    cfg_switch_t: int = 500
-    cfg_audio: float = 5.0
+    cfg_video_high: float = SampleConfig.video_txt_guidance_scale  # while t > GUIDANCE_SWITCH_T
+    cfg_video_low: float = LATE_VIDEO_GUIDANCE  # after the switch
+    cfg_audio: float = SampleConfig.audio_txt_guidance_scale
     # Noise levels of the DMD and critic losses (§4, §5): σ = clamp(shift(u), lo, hi), u ~ U[0, 1).
     dmd_shift: float = 5.0
     dmd_sigma_min: float = 0.02
@@ -144,22 +154,12 @@ def velocity_from_x0(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> 
     return (x.double() - x0.double()) / per_sample(sigma, x).double()
 
 
-def shift_sigma(u, shift: float):
-    """The timestep shift σ = s·u / (1 + (s − 1)·u) (sampling spec §7.2)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
-def student_sigmas(steps: int, shift: float = 5.0, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
-    """The distilled sampler's grid σ_0 > ... > σ_{K-1} > σ_K = 0, float32 [K + 1].
-
-    Exactly `FlowUniPCMultistepScheduler.set_timesteps(K, shift)` (sampling spec §7.2): numpy float64
-    linspace from σ_max down to 0 with the last point dropped, shifted, 0 appended, cast to float32.
-    K = 8 gives 0.9998, 0.9720, 0.9373, 0.8926, 0.8331, 0.7497, 0.6247, 0.4164, 0.
-    With the default σ_max this equals `sample.flow_schedule(K, shift)`'s sigmas bit for bit (a test
-    checks it); σ_max is a parameter only so the 2-D toy can use the plain grid 1 - k/K.
+def student_sigmas(steps: int, shift: float = 5.0, sigma_max: float | None = None) -> torch.Tensor:
+    """The distilled sampler's grid σ_0 > ... > σ_{K-1} > σ_K = 0, float32 [K + 1]: the sampler's
+    own `sample.flow_schedule(K, shift)` (K = 8 gives 0.9998, 0.9720, 0.9373, 0.8926, 0.8331,
+    0.7497, 0.6247, 0.4164, 0). σ_max is a parameter only so the 2-D toy can use the grid 1 - k/K.
     """
-    u = np.linspace(sigma_max, 0.0, steps + 1)[:-1]  # float64, σ_max·(1 − k/K)
-    return torch.tensor(np.append(shift_sigma(u, shift), 0.0), dtype=torch.float32)
+    return sample.flow_schedule(steps, shift, sigma_max=sigma_max)[1]
 
 
 def training_sigmas(n: int, shift: float, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
@@ -474,7 +474,7 @@ class Distiller:
     def guidance_scales(self, sigma: torch.Tensor) -> tuple:
         """Per-sample CFG scales (video, audio) [B] at σ, as the base sampler applies them (§1)."""
         t = (sigma.double() * 1000).long()  # the scheduler's truncated int timestep; switch is t > 500
-        video = torch.where(t > self.cfg.cfg_switch_t, self.cfg.cfg_video_high, self.cfg.cfg_video_low)
+        video = torch.where(t > GUIDANCE_SWITCH_T, self.cfg.cfg_video_high, self.cfg.cfg_video_low)
         # Audio keeps one scale at every σ (the official audio CFG has no switch).
         return video.double(), torch.full_like(video, self.cfg.cfg_audio, dtype=torch.float64)
 
@@ -704,19 +704,10 @@ def init_distributed(device: str | None):
     """(rank, world size, mesh, device). Under torchrun: one process per GPU (or CPU with gloo)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # plain `python distill.py`: no process group
-        return 0, 1, None, torch.device(device)
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    kind = torch.device(device).type
-    if not dist.is_initialized():  # (main() may run several times in one job, e.g. in the tests)
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if kind == "cuda":  # one GPU per process, picked by torchrun's LOCAL_RANK
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = f"cuda:{torch.cuda.current_device()}"
-    return rank, world, init_device_mesh(kind, (world,)), torch.device(device)  # 1-D mesh: plain FSDP
+    rank, world, device = dit_lib.init_distributed(device)
+    if world == 1:  # plain `python distill.py`: no process group
+        return 0, 1, None, device
+    return rank, world, init_device_mesh(device.type, (world,)), device  # 1-D mesh: plain FSDP
 
 
 def prepare_dit(net: DiT, mesh, checkpointing: bool) -> DiT:
@@ -726,12 +717,10 @@ def prepare_dit(net: DiT, mesh, checkpointing: bool) -> DiT:
     keep the official keys (no wrapper prefixes to strip).
     """
     if checkpointing:
-        from torch.distributed._composable import checkpoint
 
         for layer in net.block.layers:
             checkpoint(layer)  # keep only each layer's input; recompute the inside during backward
     if mesh is not None:
-        from torch.distributed.fsdp import fully_shard
 
         for layer in net.block.layers:
             fully_shard(layer, mesh=mesh)  # each layer is gathered just before it runs, freed after
@@ -761,8 +750,6 @@ def average_replicated_grads(params: list, mesh):
     """Average the gradients of un-sharded parameters over ranks (FSDP does this for the rest)."""
     if mesh is None:
         return
-    import torch.distributed as dist
-
     for p in params:  # the modules are small (LoRA, GAN head): one all-reduce per tensor is fine
         if p.grad is not None:
             dist.all_reduce(p.grad)  # SUM (gloo has no AVG), then divide
@@ -814,8 +801,6 @@ def load_optimizer_tensors(opt, module: nn.Module, prefix: str, tensors: dict, s
                 raise load_weights.CheckpointError(
                     f"{source}: {keys[key]} has shape {tuple(t.shape)}, expected {tuple(local(p).shape)}")
             if hasattr(p, "device_mesh"):  # FSDP2: Adam's moments are sharded like p
-                from torch.distributed.tensor import DTensor
-
                 t = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             state[key] = t
         opt.state[p] = state
@@ -841,8 +826,6 @@ def save_checkpoint(d: Distiller, out: str | os.PathLike) -> Path:
     - train_state_rank{r}.safetensors: optimiser moments, EMA shards and RNG states of each rank.
     - state.json (written last, so a folder without it is incomplete): counters, config, world size.
     """
-    from safetensors.torch import save_file
-
     folder = Path(out) / f"ckpt-{d.iteration:07d}"
     rank0 = d.rank == 0
     files = [(f"{STUDENT_DIR}/model.safetensors", lambda keep: full_state_dict(d.student, keep)),
@@ -875,8 +858,6 @@ def save_checkpoint(d: Distiller, out: str | os.PathLike) -> Path:
 
 def barrier(mesh):
     if mesh is not None:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -930,8 +911,6 @@ def load_network(source, cfg: DiTConfig, block_dtype, device, mesh, checkpointin
         else:
             net = load_weights.load_dit(source, cfg, block_dtype, device)
         return prepare_dit(net, None, checkpointing)
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     with torch.device("meta"):
         net = DiT(cfg, block_dtype=block_dtype)
@@ -951,18 +930,15 @@ def load_network(source, cfg: DiTConfig, block_dtype, device, mesh, checkpointin
 
 def random_dit_state_dict(cfg: DiTConfig, seed: int) -> dict:
     """Random teacher weights for --tiny-random (norm deltas small, linears ~ 1/sqrt(fan-in))."""
-    return init_random_(DiT(cfg, block_dtype=torch.float32), seed, norm_std=0.1).state_dict()
+    return dit_lib.random_dit(cfg, block_dtype=torch.float32, seed=seed, norm_std=0.1).state_dict()
 
 
 def latent_shapes(seconds: float, width: int, height: int, fps: int = 25) -> tuple:
-    """Per-sample (video, audio) latent shapes for a clip, as the official sampler sizes them
-    (sampling spec §3): frames = 25·s + 1, T = (frames − 1)//4 + 1, h/w floored to even /16."""
-    frames = int(seconds * fps) + 1  # one audio latent per video frame, 25 per second
-    T = (frames - 1) // 4 + 1  # the VAE compresses time 4x, keeping the first frame
-    h, w = (height // 16) // 2 * 2, (width // 16) // 2 * 2  # 16x spatial, even for the 2x2 patches
-    if h < 2 or w < 2:
-        raise ValueError(f"{width}x{height} is too small: the latent must be at least 2x2 (32x32 pixels)")
-    return (48, T, h, w), (frames, 64)
+    """Per-sample (video, audio) latent shapes for a clip, sized by the sampler's own rules:
+    frames = 25·s + 1 (one audio latent per frame), `sample.latent_length`, `sample.latent_size`."""
+    frames = int(seconds * fps) + 1  # seconds may be fractional here (sample.num_frames_for: whole)
+    h, w = sample.latent_size(width, height)
+    return (sample.Z_DIM, sample.latent_length(frames), h, w), (frames, sample.AUDIO_DIM)
 
 
 # ==================================================================================================
@@ -984,8 +960,6 @@ def write_text_features(path, prompts: list, features: list, negative: torch.Ten
     """The cache format: `prompt_{i:06d}` [n_i, C] per prompt, `negative` [n, C]; the prompt texts in
     the metadata so a cache can be checked against the prompt file. Stored as float16, which is
     exactly what the official pipeline feeds the DiT (bf16 encoder -> fp16 -> fp32)."""
-    from safetensors.torch import save_file
-
     # Zero-padded names sort in prompt order; one [n_i, C] tensor each (no padding stored).
     tensors = {f"prompt_{i:06d}": f.to(torch.float16).contiguous() for i, f in enumerate(features)}
     tensors["negative"] = negative.to(torch.float16).contiguous()
@@ -993,8 +967,6 @@ def write_text_features(path, prompts: list, features: list, negative: torch.Ten
 
 
 def read_text_features(path, prompts: list, text_channels: int) -> PromptBank:
-    from safetensors import safe_open
-
     path = Path(path)
     tensors = load_weights.read_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
@@ -1017,8 +989,6 @@ def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: in
     """Encode every prompt and the negative prompt once with T5-Gemma (as sample.py does: whole
     prompt, bf16 -> fp16 -> fp32, at most 640 rows) and cache them at `path`. Rank 0 encodes, the
     others wait for the file; the 9B encoder is freed before training starts."""
-    import text_encoder as te
-
     if rank == 0:
         text_encoder_dir = Path(text_encoder_dir)
         device = torch.device(device)
@@ -1031,8 +1001,6 @@ def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: in
         path.parent.mkdir(parents=True, exist_ok=True)
         # Other ranks (and later runs) only ever see a complete file.
         load_weights.atomic_write(path, lambda tmp: write_text_features(tmp, prompts, feats, negative))
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -1089,8 +1057,6 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
          device=None, **overrides):
     """Train with DMD-2 and write checkpoints to `out` (see `save_checkpoint`); `overrides` are
     DistillConfig fields."""
-    from tqdm import tqdm
-
     rank, world, mesh, device = init_distributed(device)
     cfg = DistillConfig(**overrides)
     if cfg.gan_layer < 0:

@@ -26,11 +26,14 @@ linears hold bf16 weights and run bf16 GEMMs; attention runs on bf16 q/k/v. With
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 PATCH = 2  # spatial patch size; the temporal patch size is 1 (DataProxyConfig)
 
@@ -249,8 +252,6 @@ class SeqLayout:
     num_text: int  # the longest text in the batch
     tokens_per_frame: int
     kv_len: list[int] | None = None
-    # Sequence parallelism: this rank holds rows [start, end) of the (padded) sequence.
-    shard: tuple[int, int] | None = None
 
     @property
     def length(self) -> int:
@@ -258,13 +259,8 @@ class SeqLayout:
 
     @property
     def sizes(self) -> list[int]:
-        """Rows of each modality (video, audio, text) in the rows this rank holds, in order: how the
-        expert ops split dim 1. Sequence-parallel padding rows at the end count as text."""
-        if self.shard is None:
-            return [self.num_video, self.num_audio, self.num_text]
-        start, end = self.shard
-        cuts = [0, self.num_video, self.num_video + self.num_audio, max(end, self.length)]
-        return [max(0, min(end, hi) - max(start, lo)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+        """Rows of each modality (video, audio, text), in order: how the expert ops split dim 1."""
+        return [self.num_video, self.num_audio, self.num_text]
 
     def frame_ids(self, device=None) -> torch.Tensor:
         """Latent frame of every token; -1 for audio/text (they see and are seen by everything)."""
@@ -293,8 +289,6 @@ def dense_attn_mask(layout: SeqLayout, receptive_field: int | None, device=None)
 def flex_block_mask(layout: SeqLayout, receptive_field: int | None, batch: int, device):
     """The same predicate as `dense_attn_mask`, as a FlexAttention BlockMask (block-sparse: the
     kernel skips the 128x128 tiles a 1080p local layer never looks at)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     frame = layout.frame_ids(device)
     kv_len = torch.tensor(layout.kv_len or [layout.length] * batch, device=device)
     R = -1 if receptive_field is None else receptive_field
@@ -321,7 +315,9 @@ def attention_masks(layout: SeqLayout, receptive_field: int | None, batch: int, 
     return full, None if receptive_field is None else build(receptive_field)
 
 
-_flex_kernel = None
+# The FlexAttention kernel per device type, chosen at the first call on that type: compiled on GPU
+# (eager flex would materialise the whole score matrix), eager on CPU (where compiling buys nothing).
+_FLEX_KERNELS: dict = {}
 
 
 def attention(q, k, v, mask=None):
@@ -334,12 +330,11 @@ def attention(q, k, v, mask=None):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    global _flex_kernel
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if _flex_kernel is None:  # compiled once on GPU; eager flex would materialise the score matrix
-        _flex_kernel = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
-    return _flex_kernel(q, k, v, block_mask=mask, enable_gqa=True)
+    kernel = _FLEX_KERNELS.get(q.device.type)
+    if kernel is None:
+        kernel = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+        _FLEX_KERNELS[q.device.type] = kernel
+    return kernel(q, k, v, block_mask=mask, enable_gqa=True)
 
 
 # ==================================================================================================
@@ -594,18 +589,18 @@ class DiT(nn.Module):
         if len(text_len) != video.shape[0] or min(text_len) < 1 or max(text_len) > text.shape[1]:
             raise ValueError(f"text_len {text_len} does not fit text of shape {tuple(text.shape)}")
         B, _, T, h, w = video.shape
-        layout = self.layout(video.shape, audio.shape[1], text_len)
-        rope, masks = self.shape_tables(video.shape, layout, text_len, video.device)  # rope [B, L, 6·nb]
-        x = self.embed(video.float(), audio.float(), text.float(), text_len, layout)  # [B, L, D] fp32
-        attn_fn = attention
-        if self.sp is not None:  # keep only this rank's rows; attention all-to-alls to head shards
-            x, rope, layout = self.sp.shard(x, rope, layout)
-            attn_fn = self.sp.attention
+        layout = self.layout(video.shape, audio.shape[1], text_len)                     # L = Nv + Na + Nt rows
+        rope, masks = self.shape_tables(video.shape, layout, text_len, video.device)    # rope [B, L, 6·nb]
+        x = self.embed(video.float(), audio.float(), text.float(), text_len, layout)    # [B, L, D] fp32
+        sizes, attn_fn = layout.sizes, attention                                        # [Nv, Na, Nt] rows per expert
+        if self.sp is not None:                                                         # sequence parallel: P ranks
+            x, rope, sizes = self.sp.shard(x, rope, layout)                             # [B, L/P, D], [B, L/P, 6·nb]
+            attn_fn = self.sp.attention                                                 # all-to-all around attention
         for layer in self.block.layers:
-            x = layer(x, rope, layout.sizes, masks, attn_fn)
+            x = layer(x, rope, sizes, masks, attn_fn)                                   # [B, L (or L/P), D] fp32
         if self.sp is not None:
-            x = self.sp.gather(x, layout)  # every rank gets the whole sequence back for the heads
-        return self.head(x, layout, T, h, w)
+            x = self.sp.gather(x, layout)                                               # [B, L, D] on every rank
+        return self.head(x, layout, T, h, w)                                            # [B, 48, T, h, w], [B, Na, 64]
 
     def head(self, x: torch.Tensor, layout: SeqLayout, T: int, h: int, w: int):
         """Final per-modality norm + linear, then unpack to natural shapes (text rows dropped)."""
@@ -647,8 +642,6 @@ class SequenceParallel:
     """
 
     def __init__(self, group=None, pad_heads: bool = True):
-        import torch.distributed as dist
-
         self.dist, self.group = dist, group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -677,14 +670,21 @@ class SequenceParallel:
     # ---- sequence sharding ------------------------------------------------------------------
 
     def shard(self, x, rope, layout: SeqLayout):
-        """Pad [B, L, ...] to a multiple of P rows and keep this rank's block of rows."""
+        """Pad [B, L, ...] to a multiple of P rows and keep this rank's block of rows.
+
+        Returns (x, rope, sizes): `sizes` splits this rank's rows by modality for the expert ops.
+        The padding rows (zeros at the end of the last rank, cut off before attention and after
+        the gather) need some expert to pass through; they go with the text expert, the last one.
+        """
         L, P = layout.length, self.world
         per = -(-L // P)
         start, end = self.rank * per, (self.rank + 1) * per
         x = F.pad(x, (0, 0, 0, per * P - L))[:, start:end]
         rope = F.pad(rope, (0, 0, 0, per * P - L))[:, start:end]
         self.length = L  # the true length, for cutting the padding off inside attention
-        return x, rope, replace(layout, shard=(start, end))
+        cuts = [0, layout.num_video, layout.num_video + layout.num_audio, max(end, L)]
+        sizes = [max(0, min(end, hi) - max(start, lo)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+        return x, rope, sizes
 
     def gather(self, x, layout: SeqLayout):
         parts = [torch.empty_like(x) for _ in range(self.world)]
@@ -727,6 +727,37 @@ class SequenceParallel:
         out = attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], mask)
         out = F.pad(out, (0, 0, 0, q.shape[2] - L))
         return self._to_rows(out)[:, :H]
+
+
+def init_distributed(device, world_size: int | None = None, **init_kwargs) -> tuple[int, int, torch.device]:
+    """Join the process group of a multi-process run; returns (rank, world size, this rank's device).
+
+    Under torchrun (WORLD_SIZE > 1, or `world_size` given with `rank` and `init_method` in
+    `init_kwargs`): NCCL on GPUs with one GPU per process picked by LOCAL_RANK, gloo on CPUs.
+    A plain run returns (0, 1, device) and starts nothing. Safe to call again in the same process.
+    """
+    device = torch.device(device)
+    world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world_size is not None:  # an explicit group (the tests' file rendezvous), not torchrun's env
+        init_kwargs["world_size"] = world_size
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **init_kwargs)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def end_distributed(barrier: bool = True) -> None:
+    """Leave the process group, if any. With `barrier`, first wait for every rank: a gloo rank whose
+    peer tears down while it still talks to it aborts. (On an error path pass barrier=False: a peer
+    that failed may never arrive.)"""
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 # ==================================================================================================
@@ -823,6 +854,18 @@ def init_random_(dit: "DiT", seed: int = 0, norm_std: float = 0.0) -> "DiT":
         nb = dit.adapter.rope.bands.numel()
         dit.adapter.rope.bands.copy_(1.0 / 10000.0 ** (torch.arange(nb, dtype=torch.float32) / nb))
     return dit
+
+
+def random_dit(cfg: DiTConfig, block_dtype: torch.dtype = torch.float32, seed: int = 0, norm_std: float = 0.0,
+               device="cpu") -> "DiT":
+    """A DiT with random weights (`init_random_`) in eval mode, built directly on `device`.
+
+    The one helper for `--tiny-random`, the benchmarks, distillation's random teacher and the tests.
+    Built on the meta device first, so a 15B model never holds a throw-away initialisation.
+    """
+    with torch.device("meta"):
+        dit = DiT(cfg, block_dtype=block_dtype)
+    return init_random_(dit.to_empty(device=device), seed, norm_std).eval()
 
 
 def count_params(module: nn.Module) -> int:

@@ -145,7 +145,7 @@ def tiny_dit_config(**overrides) -> DiTConfig:
 
 def random_dit(cfg: DiTConfig, block_dtype=torch.float32, seed=0) -> DiT:
     """A DiT with random weights everywhere (norm deltas too, so a mis-routed expert shows)."""
-    return model.init_random_(DiT(cfg, block_dtype=block_dtype), seed, norm_std=0.2).eval()
+    return model.random_dit(cfg, block_dtype, seed, norm_std=0.2)
 
 
 def dit_inputs(cfg: DiTConfig, B=1, T=3, h=4, w=6, Na=9, Lpad=7, seed=1):
@@ -404,12 +404,12 @@ def _free_port() -> int:
 
 def _sp_worker(rank, world, out_dir):
     """One rank: both golden DiT cases under sequence parallelism, then the two refused setups."""
-    import torch.distributed as dist
     from safetensors.torch import save_file
     from model import SequenceParallel
     torch.set_num_threads(1)
     # A file rendezvous: no TCP port to pick (and race for) on a shared CI machine.
-    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=world)
+    model.init_distributed("cpu", world_size=world, rank=rank, init_method=f"file://{out_dir / 'rendezvous'}")
+    ok = False
     try:
         for case in ("dit_tiny_t2v", "dit_tiny_sr_local"):
             spec, t = load_case(GOLDEN_DIR / f"{case}.json")
@@ -431,11 +431,12 @@ def _sp_worker(rank, world, out_dir):
         except ValueError as e:
             errors.append(str(e))
         (out_dir / f"errors{rank}.json").write_text(json.dumps(errors))
-        dist.barrier()  # nobody tears gloo down while a peer is still talking to it
+        ok = True
     finally:
-        dist.destroy_process_group()
+        model.end_distributed(barrier=ok)  # nobody tears gloo down while a peer still talks to it
 
 
+@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
 @pytest.mark.parametrize("world", [2, 3])
 def test_sequence_parallel(tmp_path, world):
     """2 and 3 ranks on the golden configs, full and local attention: every rank returns the
@@ -760,7 +761,7 @@ def _run_sampling_case(spec, tensors, dit):
         image = tensors.get("in.image_latent_sr", tensors.get("in.image_latent"))
     trace = {}
     if sr_case:
-        video, audio = sr.sr_pass(
+        video, audio = sample.sr_pass(
             dit, cfg, tensors["in.br_video"], tensors["in.br_audio"], tensors["in.text"], tensors["in.text_len"],
             text_null, text_null_len, sr_latent_hw=tuple(call["sr_latent_hw"]), noise=noise,
             image_latent=image, trace=trace, progress=False)
@@ -824,7 +825,7 @@ def _golden_unipc_schedule(spec, tensors):
         t_name, s_name = names.split("/")
         ours["out." + t_name], ours["out." + s_name] = ts, sig
         assert ts.dtype == torch.int64 and sig.dtype == torch.float32
-    ours["out.zero_snr"] = sample.zero_snr_table()
+    ours["out.zero_snr"] = sr.zero_snr_table()
     # Trajectories on the closed-form velocity v(x, t) = x @ M + float32(t) / 1000 * u.
     M, u = tensors["in.M"], tensors["in.u"]
     for name, tr in call["trajectories"].items():
@@ -967,7 +968,7 @@ def test_unipc_last_step_is_x0_prediction():
 
 
 def test_zero_snr_values():
-    S = sample.zero_snr_table()
+    S = sr.zero_snr_table()
     # Spec §8.3 values (printed there to 6 digits, hence the tolerance).
     assert abs(S[220].item() - 0.838910) < 2e-6 and abs((1 - S[220] ** 2).sqrt().item() - 0.544270) < 2e-6
     assert abs(S[0].item() - 0.9995749) < 1e-6 and S[999].item() == 0.0
@@ -981,7 +982,7 @@ def test_sr_guidance_and_draws():
     text, tl, _, _ = _tiny_text()
     br_v, br_a = torch.randn(1, 48, 2, 2, 2), torch.randn(1, 5, 64)
     noise, dit = sample.Noise(seed=0), _ConstDiT()
-    v, a = sr.sr_pass(dit, sample.preset("540p_sr"), br_v, br_a, text, tl, sr_latent_hw=(4, 6), noise=noise,
+    v, a = sample.sr_pass(dit, sample.preset("540p_sr"), br_v, br_a, text, tl, sr_latent_hw=(4, 6), noise=noise,
                       progress=False)
     assert v.shape == (1, 48, 2, 4, 6) and torch.equal(a, br_a) and dit.n == 5
     assert noise.log == [("sr_video", (1, 48, 2, 4, 6)), ("sr_audio", (1, 5, 64))]
@@ -1016,6 +1017,7 @@ def test_layer_streaming_equals_resident():
         assert torch.equal(o[0], ref[0]) and torch.equal(o[1], ref[1])
 
 
+@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals Inductor touches
 def test_compiled_layers_equal_eager():
     """torch.compile of the layers (Inductor on CPU) == eager, float32 and the bf16 path."""
@@ -1699,6 +1701,7 @@ def test_download_selection_without_network(tmp_path, monkeypatch, capsys):
     assert "pip install huggingface_hub" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
 def test_cli_two_processes_write_the_same_mp4(tmp_path):
     """torchrun with 2 CPU ranks (gloo, sequence-parallel DiT) against 1 process: the same latents
     and the same frames, and only rank 0 writes.
@@ -1987,6 +1990,7 @@ def run_distill_cli(*args, cwd=HERE):
     return subprocess.run([sys.executable, "distill.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
 def test_distill_cli_tiny_random_and_resume(tmp_path):
     """The CLI end to end on CPU: train, checkpoint, resume; bad input is one clear line."""
     common = ["--tiny-random", "--out", str(tmp_path), "--steps", "2", "--log-every", "1", "--save-every", "2",
@@ -2025,6 +2029,7 @@ for name, extra in (("full", {}), ("lora_gan", dict(critic_lora_rank=4, gan=True
 """
 
 
+@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
 def test_distill_fsdp_two_processes_resume(tmp_path):
     """FSDP2 on 2 CPU processes (gloo), full and LoRA+GAN critics: checkpoints gather the shards
     into official-key files that load_dit reads, and a resumed run (per-rank optimiser shards)
@@ -2177,6 +2182,7 @@ def toy_teacher():
     return net, c, ref
 
 
+@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
 @pytest.mark.parametrize("K", [1, 2])
 def test_distill_toy_students_beat_few_step_teacher(toy_teacher, K):
     """Acceptance 2 / spec §13: a K-step DMD-2 student (w = 1, backward simulation, TTUR 5, EMA 0.99)
