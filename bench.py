@@ -36,11 +36,11 @@ import vae
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16 datasheet figure
 SECONDS = 5
-TEXT_TOKENS = 200  # a typical enhanced prompt (spec dit §14 uses 100-640)
+TEXT_TOKENS = 200  # a typical enhanced prompt (prompts run from ~100 to the 640-token cap)
 OFFICIAL_MS = {"dit256": 1600, "sr540": 5100, "sr1080": 31000, "turbo256": 400, "turbo540": 1300, "turbo1080": 5800}
 
 # ==================================================================================================
-# FLOPs (spec dit §14): matmuls of the 40 layers, attention, embedders and heads
+# FLOPs: matmuls of the 40 layers, attention, embedders and heads
 # ==================================================================================================
 
 

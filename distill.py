@@ -3,12 +3,12 @@
 daVinci-MagiHuman's 8-step `distill` checkpoint was made with DMD-2 (Yin et al. 2024, "Improved
 Distribution Matching Distillation"), but no training code was released. This file is that code,
 written from the DMD-2 paper and its public ports (tianweiy/DMD2, CausVid, Self-Forcing, FastVideo);
-facts and section numbers below refer to spec/dmd2.md. It mirrors no official file; the student it
+It mirrors no official file; the student it
 trains is sampled exactly like the official distilled model (`step_ddim` on the 8-σ shift-5 grid of
 `inference/pipeline/scheduler_unipc.py`, no CFG), so the result loads through
 `load_weights.load_dit` and runs in `sample.py` as a distilled model.
 
-The idea in a few lines (§2, §3, §9):
+The idea in a few lines:
 - Three copies of the DiT: the frozen teacher gives the "real" score (with CFG against the negative
   prompt, video/audio scales as in the base sampler); a trainable "fake" score (the critic) tracks
   what the student currently generates; the student (generator) starts as the teacher.
@@ -27,7 +27,7 @@ Run: `torchrun --nproc-per-node 8 distill.py --teacher DIR --prompts FILE --out 
 same script runs as one plain process too; the prompts are encoded once with T5-Gemma and cached),
 `python distill.py --tiny-random --out DIR` (CPU demo with random weights). README "Distillation
 (DMD-2)" has the memory/GPU estimates. The DMD code is generic over the network: `test_all.py` runs
-the very same `Distiller` on a 2-D Gaussian-mixture toy (§13) through `velocity_fn`.
+the very same `Distiller` on a 2-D Gaussian-mixture toy through `velocity_fn`.
 """
 
 from __future__ import annotations
@@ -74,27 +74,27 @@ MODALITIES = ("video", "audio")
 @dataclass
 class DistillConfig:
     """Every knob of a DMD-2 run. Defaults are for the 15B joint DiT; [E] marks choices of ours
-    (no upstream value exists), the rest cite their source in spec/dmd2.md."""
+    (no upstream value exists); the rest follow the DMD2 paper or the public port named beside them."""
 
-    # Student sampler (§10): K steps on the shifted grid of `set_timesteps(K, shift=5)`.
+    # Student sampler: K steps on the shifted grid of `set_timesteps(K, shift=5)`.
     steps: int = 8
     grid_shift: float = 5.0
     grid_sigma_max: float | None = None  # None: the scheduler's float32(0.999); the 2-D toy uses 1
-    # Real score (§1): the base sampler's CFG, video 5.0 while t > 500 else 2.0, audio 5.0 always.
+    # Real score: the base sampler's CFG, video 5.0 while t > 500 else 2.0, audio 5.0 always.
     cfg_video_high: float = SampleConfig.video_txt_guidance_scale  # while t > GUIDANCE_SWITCH_T
     cfg_video_low: float = LATE_VIDEO_GUIDANCE  # after the switch
     cfg_audio: float = SampleConfig.audio_txt_guidance_scale
-    # Noise levels of the DMD and critic losses (§4, §5): σ = clamp(shift(u), lo, hi), u ~ U[0, 1).
+    # Noise levels of the DMD and critic losses (as the flow-matching ports): σ = clamp(shift(u), lo, hi), u ~ U[0, 1).
     dmd_shift: float = 5.0
     dmd_sigma_min: float = 0.02
     dmd_sigma_max: float = 0.98
     critic_shift: float = 5.0
     critic_sigma_min: float = 0.02
     critic_sigma_max: float = 0.98
-    # Per-modality loss weights (§12 [E]): each modality's loss is its own mean.
+    # Per-modality loss weights [E]: each modality's loss is its own mean.
     video_weight: float = 1.0
     audio_weight: float = 1.0
-    # Two time-scale update rule and optimisers (§6): lr 2e-6 for both as CausVid (Wan, bidirectional);
+    # Two time-scale update rule and optimisers: lr 2e-6 for both as CausVid (Wan, bidirectional);
     # betas (0, 0.999) as Self-Forcing and FastVideo LTX-2; wd 0.01 and clip 10 as DMD2 [R][V].
     critic_ratio: int = 5  # critic steps per generator step
     batch_size: int = 1  # per process
@@ -103,19 +103,19 @@ class DistillConfig:
     betas: tuple = (0.0, 0.999)
     weight_decay: float = 0.01
     grad_clip: float = 10.0
-    # EMA of the student (§11): decay 0.99 from generator step 200 (Self-Forcing, FastVideo); 0 = off.
+    # EMA of the student: decay 0.99 from generator step 200 (Self-Forcing, FastVideo); 0 = off.
     ema_decay: float = 0.99
     ema_start: int = 200
-    # Optional GAN head on critic features (§7); needs real paired latents. Weights are DMD2 SDXL's.
+    # Optional GAN head on critic features (DMD2's diffusion-GAN); needs real paired latents. Weights are DMD2 SDXL's.
     gan: bool = False
     gan_layer: int = 20  # the critic layer whose output the head reads [E]: the middle of 40
     gan_hidden: int = 256
     gan_gen_weight: float = 5e-3
     gan_disc_weight: float = 1e-2
-    # LoRA critic (§2): 0 = full critic; r > 0 = rank-r adapters on the frozen teacher [V DMD2_wanx].
+    # LoRA critic: 0 = full critic; r > 0 = rank-r adapters on the frozen teacher [V DMD2_wanx].
     critic_lora_rank: int = 0
     critic_lora_alpha: float = 0.0  # 0 means alpha = rank (scale 1)
-    # Speed/memory (§11): bf16 autocast around the fp32 student/critic, activation checkpointing.
+    # Speed/memory: bf16 autocast around the fp32 student/critic, activation checkpointing.
     autocast: bool = True  # only takes effect on CUDA
     grad_checkpointing: bool = True  # per-layer activation checkpointing (needed at 15B)
     seed: int = 0
@@ -129,7 +129,7 @@ class DistillConfig:
 
 
 # ==================================================================================================
-# Flow-matching conventions (§1) and noise levels (§4, §10)
+# Flow-matching conventions and noise levels
 # ==================================================================================================
 
 
@@ -145,7 +145,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
 
 
 def x0_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x0̂ = x_σ − σ·v, in float64: DMD takes differences of nearly equal predictions (§3, [R])."""
+    """x0̂ = x_σ − σ·v, in float64: DMD takes differences of nearly equal predictions."""
     return x.double() - per_sample(sigma, x).double() * v.double()
 
 
@@ -163,7 +163,7 @@ def student_sigmas(steps: int, shift: float = 5.0, sigma_max: float | None = Non
 
 
 def training_sigmas(n: int, shift: float, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
-    """σ [n] for the DMD/critic losses: u ~ U[0, 1), shifted, then clamped (the flow ports, §4).
+    """σ [n] for the DMD/critic losses: u ~ U[0, 1), shifted, then clamped (the flow-matching ports).
 
     The clamp after a shift of 5 puts ~9% of draws exactly on σ = hi; that is what the ports do.
     """
@@ -172,12 +172,12 @@ def training_sigmas(n: int, shift: float, lo: float, hi: float, generator: torch
 
 
 # ==================================================================================================
-# The DMD gradient and the losses (§3, §5, §7)
+# The DMD gradient and the losses
 # ==================================================================================================
 
 
 def dmd_direction(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-    """g = (x0_fake − x0_real) / n, with n = mean |x0 − x0_real| per sample (float64, §3 steps 5-6).
+    """g = (x0_fake − x0_real) / n, with n = mean |x0 − x0_real| per sample (float64; DMD2's normaliser).
 
     The score difference s_fake − s_real is proportional to x0_real − x0_fake at a given (x_σ, σ),
     so −g points from what the student makes towards what the teacher would make. Dividing by the
@@ -191,7 +191,7 @@ def dmd_direction(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor
 
 
 def dmd_loss(x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """½·mean (x0 − stopgrad(x0 − g))²: its gradient w.r.t. x0 is exactly g / numel(x0) (§3 step 7).
+    """½·mean (x0 − stopgrad(x0 − g))²: its gradient w.r.t. x0 is exactly g / numel(x0).
 
     The value (½·mean g²) is not a quality metric; log mean |g| instead.
     """
@@ -201,7 +201,7 @@ def dmd_loss(x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def flow_loss(v: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Flow matching on (detached) student samples: mean (v_fake − (ε − x0))² (§5, the "flow" loss)."""
+    """Flow matching on (detached) student samples: mean (v_fake − (ε − x0))² (the "flow" loss)."""
     return F.mse_loss(v.float(), (noise - x0).float())  # float32 even when v came out of bf16 autocast
 
 
@@ -260,7 +260,7 @@ LORA_TARGETS = ("attention.linear_qkv", "attention.linear_proj", "mlp.up_gate_pr
 
 
 class LoRACritic(nn.Module):
-    """The fake score as LoRA adapters on the frozen teacher (§2, DMD2_wanx): adapters on = critic,
+    """The fake score as LoRA adapters on the frozen teacher (as DMD2's Wan port): adapters on = critic,
     off = real score. Saves a full trainable 15B copy (weights, grads, Adam states).
 
     The adapters are attached with forward hooks on the teacher's linears, so model.py is untouched
@@ -332,7 +332,7 @@ def dit_token_groups(out: torch.Tensor, args) -> list:
 
 
 class GanHead(nn.Module):
-    """One realism logit per sample from critic features (§7, §12 [E]).
+    """One realism logit per sample from critic features [E].
 
     A per-token MLP, a mean over each token group (video, audio), and an MLP on the concatenated
     pools, so the head sees both modalities together and can judge audio-video agreement.
@@ -398,7 +398,7 @@ def pad_text(feats: list) -> Text:
 
 
 class RealData:
-    """Real paired latents with their text, for the GAN (§7): video [M, ...], audio [M, ...], text."""
+    """Real paired latents with their text, for the GAN: video [M, ...], audio [M, ...], text."""
 
     def __init__(self, video: torch.Tensor, audio: torch.Tensor, text: list):
         if not (len(video) == len(audio) == len(text)) or len(video) == 0:
@@ -417,12 +417,12 @@ class RealData:
 
 class Distiller:
     """Holds the networks, optimisers, EMA and RNG state, and runs one DMD-2 iteration per
-    `train_step()` (§6, §14).
+    `train_step()`.
 
     teacher: frozen DiT (real score). student: trainable copy (generator). critic: trainable copy
     (fake score), or None together with `lora` (a LoRACritic on the teacher). `latent_shapes`: the
     per-sample shape of every modality. `velocity_fn(net, x, σ, text)` is the only place a network
-    is called (DiT: `dit_velocity`). `gan_tap`/`gan_head`/`real_data`: the optional GAN (§7).
+    is called (DiT: `dit_velocity`). `gan_tap`/`gan_head`/`real_data`: the optional GAN.
     `mesh`: the FSDP2 device mesh when running distributed (None: one process).
     """
 
@@ -444,14 +444,14 @@ class Distiller:
         self.critic_params = list((critic or lora).parameters()) + (list(gan_head.parameters()) if gan_head else [])
         # Small modules that are not FSDP-sharded (LoRA adapters, GAN head): their grads are averaged by hand.
         self.replicated = (list(lora.parameters()) if lora else []) + (list(gan_head.parameters()) if gan_head else [])
-        # Two optimisers, one per player, each with its own learning rate (TTUR, §6).
+        # Two optimisers, one per player, each with its own learning rate (TTUR).
         opt = dict(betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.opt_g = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr_generator, **opt)
         self.opt_c = torch.optim.AdamW(self.critic_params, lr=cfg.lr_critic, **opt)
         self.ema = EMA(student, cfg.ema_decay, cfg.ema_start) if cfg.ema_decay > 0 else None
 
         # Two RNGs: `shared` is seeded identically on every rank (the backward-simulation step k
-        # must agree across ranks, §9), `noise` differs per rank (prompts, σ, ε). Both on the CPU,
+        # must agree across ranks), `noise` differs per rank (prompts, σ, ε). Both on the CPU,
         # so a seed gives the same draws on any device.
         self.shared_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * rank)
@@ -467,12 +467,12 @@ class Distiller:
         return tuple(torch.randn(B, *s, generator=g).to(self.device) for s in self.latent_shapes)
 
     def amp(self):
-        """bf16 autocast around fp32 student/critic calls on CUDA, as DMD2 trains (§11)."""
+        """bf16 autocast around fp32 student/critic calls on CUDA, as DMD2 trains."""
         on = self.cfg.autocast and self.device.type == "cuda"
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on) if on else contextlib.nullcontext()
 
     def guidance_scales(self, sigma: torch.Tensor) -> tuple:
-        """Per-sample CFG scales (video, audio) [B] at σ, as the base sampler applies them (§1)."""
+        """Per-sample CFG scales (video, audio) [B] at σ, as the base sampler applies them."""
         t = (sigma.double() * 1000).long()  # the scheduler's truncated int timestep; switch is t > 500
         video = torch.where(t > GUIDANCE_SWITCH_T, self.cfg.cfg_video_high, self.cfg.cfg_video_low)
         # Audio keeps one scale at every σ (the official audio CFG has no switch).
@@ -507,7 +507,7 @@ class Distiller:
                       for vc, vu, s in zip(v_cond, v_neg, scales))
         return tuple(x0_from_velocity(xm, vm, sigma) for xm, vm in zip(x, v))
 
-    # ---- student sampling (§9, §10) -------------------------------------------------------------
+    # ---- student sampling -------------------------------------------------------------------
 
     def rollout(self, net, text: Text, stop: int, grad: bool = False, generator=None) -> Latents:
         """Run the K-step student sampler from pure noise up to step `stop` and return its x0̂ there.
@@ -539,7 +539,7 @@ class Distiller:
 
     def train_step(self) -> dict:
         """One DMD-2 iteration: a student batch by backward simulation, a generator update every
-        `critic_ratio` iterations, and a critic update every iteration (TTUR, §6)."""
+        `critic_ratio` iterations, and a critic update every iteration (TTUR)."""
         cfg = self.cfg
         generator_turn = self.iteration % cfg.critic_ratio == 0  # iterations 0, N, 2N, ...: ⌈M/N⌉ of M
         # Each rank draws its own prompts (prompts with replacement; the list is small next to the run).
@@ -547,7 +547,7 @@ class Distiller:
         text = self.prompts.batch(idx).to(self.device)
         # The exit step k is drawn from the shared RNG so every rank rolls out to the same step.
         k = int(torch.randint(cfg.steps, (1,), generator=self.shared_gen))
-        # Critic-only iterations still need a fresh student batch, just without a graph (§6).
+        # Critic-only iterations still need a fresh student batch, just without a graph.
         x0 = self.rollout(self.student, text, k, grad=generator_turn)
         logs = {"k": k}
         if generator_turn:
@@ -558,7 +558,7 @@ class Distiller:
         return logs
 
     def generator_update(self, x0: Latents, text: Text) -> dict:
-        """DMD loss per modality (+ GAN generator loss) -> clip -> AdamW step -> EMA (§3, §14.3)."""
+        """DMD loss per modality (+ GAN generator loss) -> clip -> AdamW step -> EMA."""
         cfg = self.cfg
         with self.critic_frozen():
             g = self.dmd_directions(x0, text)
@@ -596,7 +596,7 @@ class Distiller:
 
     @torch.no_grad()
     def dmd_directions(self, x0: Latents, text: Text) -> list:
-        """g per modality for a student batch x0: re-noise, ask teacher (CFG) and critic (§3 steps 2-6)."""
+        """g per modality for a student batch x0: re-noise, ask teacher (CFG) and critic."""
         cfg, B = self.cfg, len(text.lens)
         sigma = training_sigmas(B, cfg.dmd_shift, cfg.dmd_sigma_min, cfg.dmd_sigma_max, self.noise_gen)
         # One σ per sample shared by video and audio (as at inference), independent noise each.
@@ -606,12 +606,12 @@ class Distiller:
         return [dmd_direction(m, r, f) for m, r, f in zip(x0, real, fake)]  # per modality, own normaliser
 
     def critic_update(self, x0: Latents, text: Text) -> dict:
-        """Flow matching on the detached student samples (+ GAN discriminator loss) -> step (§5)."""
+        """Flow matching on the detached student samples (+ GAN discriminator loss) -> step."""
         cfg, B = self.cfg, len(text.lens)
         sigma = training_sigmas(B, cfg.critic_shift, cfg.critic_sigma_min, cfg.critic_sigma_max, self.noise_gen)
         noise = self.randn(B)
         x_t = tuple(add_noise(m, n, sigma) for m, n in zip(x0, noise))  # same σ for both modalities
-        v = self.fake_velocity(x_t, sigma, text)  # conditional only: the critic never uses CFG (§2)
+        v = self.fake_velocity(x_t, sigma, text)  # conditional only: the critic never uses CFG (DMD2)
         losses = [flow_loss(vm, n, m) for vm, n, m in zip(v, noise, x0)]
         loss = sum(w * l for w, l in zip(self.weights, losses))
         logs = {f"critic_{n}": l.item() for n, l in zip(MODALITIES, losses)}
@@ -633,7 +633,7 @@ class Distiller:
         return logs
 
     def gan_logits(self, x0: Latents, text: Text) -> torch.Tensor:
-        """Diffusion-GAN (§7): re-noise x0 at σ ~ U[0, 1), run the critic, read its tapped features."""
+        """Diffusion-GAN: re-noise x0 at σ ~ U[0, 1), run the critic, read its tapped features."""
         B = len(text.lens)
         sigma = torch.rand(B, generator=self.noise_gen)  # [R]: t uniform over the whole [0, 1000)
         x_t = tuple(add_noise(m, n, sigma) for m, n in zip(x0, self.randn(B)))

@@ -179,9 +179,9 @@ def read_weight_map(index: Path) -> dict[str, str]:
 def dit_checkpoint_files(folder: str | os.PathLike) -> tuple[dict[str, list[str]], str]:
     """Which keys live in which file: {file path: [keys]} and a name for messages.
 
-    The official loader's rule (spec dit §12): with `model.safetensors.index.json`, read its
-    `weight_map` and, per shard, prefer `<shard>.zst` when it exists; without it, read
-    `model.safetensors`.
+    The official loader's rule (`inference/infra/checkpoint/load_model_checkpoint.py`): with
+    `model.safetensors.index.json`, read its `weight_map` and, per shard, prefer `<shard>.zst` when
+    it exists; without it, read `model.safetensors`.
     """
     folder = Path(folder)
     if folder.is_file() and folder.suffix == ".safetensors":
@@ -247,7 +247,7 @@ def dit_from_state_dict(sd: dict[str, torch.Tensor], cfg, source: str, block_dty
 def load_dit(folder: str | os.PathLike, cfg, block_dtype=torch.bfloat16, device="cpu"):
     """The DiT from a checkpoint folder in any official layout (single file, shards + index, `.zst`).
 
-    Released dtypes (spec §12): base is bf16 on disk, distill and SR fp32; either way the block
+    Released dtypes: base is bf16 on disk, distill and SR fp32; either way the block
     linears become `block_dtype` and everything else float32, as the official module dtypes do.
     """
     model = _dit_on_meta(cfg, block_dtype)
@@ -263,7 +263,7 @@ def load_dit(folder: str | os.PathLike, cfg, block_dtype=torch.bfloat16, device=
 # shards + `model.safetensors.index.json`. Only the `model.encoder.*` tensors are read (about 18.5 GB
 # of the 37.9 GB): the decoder half is skipped by name and its shards are never opened unless they
 # also hold encoder tensors. The tokenizer is `tokenizer.json` plus the BOS/EOS flags of
-# `tokenizer_config.json` (spec audio_text §4).
+# `tokenizer_config.json`.
 
 TEXT_ENCODER_PREFIXES = ("model.encoder.", "encoder.")  # the release uses the first; accept both
 TEXT_SKIPPED_PREFIXES = ("model.decoder.", "decoder.", "lm_head.")  # the other half of the checkpoint

@@ -2,7 +2,7 @@
 
 Mirrors the official `inference/model/dit/dit_module.py` (the modules) and the packing half of
 `inference/pipeline/data_proxy.py` (tokens, coordinates, local-attention ranges, unpacking) of
-GAIR-NLP/daVinci-MagiHuman. Facts: spec/dit.md (section numbers below refer to it).
+GAIR-NLP/daVinci-MagiHuman.
 
 The whole model in a few lines:
 - Video latents [48, T, h, w] become tokens of 2x2 patches (192 features), audio latents [N, 64] are
@@ -19,8 +19,9 @@ The whole model in a few lines:
 Dimension letters: B batch, L packed sequence length, D hidden size, H query heads, G kv heads
 (query groups), d head dim, T latent frames, h/w latent height/width, C channels.
 
-Numerics (spec §6.9): the residual stream, norms, RoPE, activations and gates are float32; block
-linears hold bf16 weights and run bf16 GEMMs; attention runs on bf16 q/k/v. With
+Numerics (those of the official module's dtypes and casts): the residual stream, norms, RoPE,
+activations and gates are float32; block linears hold bf16 weights and run bf16 GEMMs; attention
+runs on bf16 q/k/v. With
 `block_dtype=torch.float32` every one of those bf16 casts becomes float32 (the "out32" reference).
 """
 
@@ -44,7 +45,7 @@ PATCH = 2  # spatial patch size; the temporal patch size is 1 (DataProxyConfig)
 
 @dataclass
 class DiTConfig:
-    """The official `ModelConfig` fields (defaults = the released 15B model, spec §1), plus the two
+    """The official `ModelConfig` fields (defaults = the released 15B model's config), plus the two
     data-proxy settings that change what the network computes (`coords_style`,
     `frame_receptive_field`)."""
 
@@ -92,7 +93,7 @@ class DiTConfig:
             raise ValueError("local_attn_layers need frame_receptive_field >= 0")
 
 
-# 1080p SR (env SR2_1080 upstream): every layer is local except every 4th of the first 32 (spec §8).
+# 1080p SR (env SR2_1080 upstream): every layer is local except every 4th of the first 32.
 SR_1080P_LOCAL_LAYERS = [i for i in range(40) if not (i % 4 == 3 and i < 32)]
 
 # The released models: one network; SR differs only in coords style and (1080p) local attention.
@@ -168,7 +169,7 @@ class ExpertLinear(nn.Module):
 
 
 def swiglu7(u: torch.Tensor) -> torch.Tensor:
-    """Clamped SwiGLU with the GPT-OSS +1 on the linear branch; float32 math (spec §6.6)."""
+    """Clamped SwiGLU with the GPT-OSS +1 on the linear branch; float32 math, as upstream."""
     u = u.float()
     # Interleaved split: even columns are the gate, odd columns the linear branch (not halves).
     gate, lin = u[..., 0::2], u[..., 1::2]
@@ -184,12 +185,12 @@ def gelu7(u: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu7_intermediate(hidden_size: int) -> int:
-    # int(H·4·2/3) rounded down to a multiple of 4: 13652 for H = 5120 (spec §1).
+    # int(H·4·2/3) rounded down to a multiple of 4: 13652 for H = 5120 (the released MLP width).
     return int(hidden_size * 4 * 2 / 3) // 4 * 4
 
 
 # ==================================================================================================
-# Rotary position embedding (element-wise Fourier RoPE, spec §5)
+# Rotary position embedding (element-wise Fourier RoPE)
 # ==================================================================================================
 
 
@@ -203,21 +204,27 @@ class ElementWiseFourierEmbed(nn.Module):
         super().__init__()
         nb = head_dim // 8
         # ω_k = 1/10000^(k/nb). A persistent buffer: the checkpoint's values win over this formula
-        # (they may be bf16-rounded in the release, spec §12), so always load it from the file.
+        # (they may be bf16-rounded in the release), so always load it from the file.
         self.register_buffer("bands", 1.0 / 10000.0 ** (torch.arange(nb, dtype=torch.float32) / nb))
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        pos, size, ref = coords[..., 0:3], coords[..., 3:6], coords[..., 6:9]  # [..., L, 3] each
-        scale = (ref - 1) / (size - 1)
-        # 0/0 where a block is a single position on an axis with a reference of 1: scale 1 there.
-        scale = torch.where((ref == 1) & (size == 1), torch.ones_like(scale), scale)
-        if not torch.isfinite(scale).all():
-            raise ValueError("RoPE scale is not finite (v1 coordinates need at least 2 text tokens)")
-        center = (size - 1) / 2
-        center[..., 0] = 0  # time is never centered; rows and columns are
-        # ((p - c)·s)·ω in exactly this order (float32 rounding matters for the tight goldens).
-        angle = ((pos - center) * scale).unsqueeze(-1) * self.bands  # [..., L, 3, nb]
+        # (p - c)·s, then ·ω in exactly this order (float32 rounding matters for the tight goldens).
+        angle = rope_positions(coords).unsqueeze(-1) * self.bands  # [..., L, 3, nb]
         return torch.cat([angle.sin(), angle.cos()], dim=-2).flatten(-2)  # [..., L, 6·nb]
+
+
+def rope_positions(coords: torch.Tensor) -> torch.Tensor:
+    """coords [..., L, 9] -> the effective (t, h, w) positions [..., L, 3] that RoPE rotates by:
+    (position - centre) · (reference - 1) / (size - 1), rows and columns centred, time not."""
+    pos, size, ref = coords[..., 0:3], coords[..., 3:6], coords[..., 6:9]  # [..., L, 3] each
+    scale = (ref - 1) / (size - 1)
+    # 0/0 where a block is a single position on an axis with a reference of 1: scale 1 there.
+    scale = torch.where((ref == 1) & (size == 1), torch.ones_like(scale), scale)
+    if not torch.isfinite(scale).all():
+        raise ValueError("RoPE scale is not finite (v1 coordinates need at least 2 text tokens)")
+    center = (size - 1) / 2
+    center[..., 0] = 0  # time is never centered; rows and columns are
+    return (pos - center) * scale
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -271,8 +278,9 @@ class SeqLayout:
 def dense_attn_mask(layout: SeqLayout, receptive_field: int | None, device=None) -> torch.Tensor | None:
     """Boolean SDPA mask [B or 1, 1, L, L] (True = attend), or None when every pair attends.
 
-    Local (spec §8): video frame i sees video frames within ±receptive_field plus all audio and text;
-    audio and text see everything. Same as the official q/k range pairs, as a dense predicate.
+    Local (`calc_local_qk_range` in data_proxy.py): video frame i sees video frames within
+    ±receptive_field plus all audio and text; audio and text see everything. Same as the official
+    q/k range pairs, as a dense predicate.
     """
     mask = None
     if receptive_field is not None:
@@ -430,7 +438,7 @@ class TransformerBlock(nn.Module):
 
 
 # ==================================================================================================
-# Token packing: natural shapes <-> one sequence with 9-column coordinates (spec §3, §4, §9)
+# Token packing: natural shapes <-> one sequence with 9-column coordinates (data_proxy.py)
 # ==================================================================================================
 
 
@@ -467,7 +475,7 @@ def _block_coords(shape, ref, t_offset: float = 0.0) -> torch.Tensor:
 
 
 def sequence_coords(T: int, hp: int, wp: int, num_audio: int, num_text: int, style: str) -> torch.Tensor:
-    """The [L, 9] coordinates of one sample's [video | audio | text] sequence (spec §4).
+    """The [L, 9] coordinates of one sample's [video | audio | text] sequence (`get_coords` in data_proxy.py).
 
     hp, wp are the token grid (h/2, w/2). Video uses its own grid as reference ("extra"
     interpolation, hard-coded upstream); audio is one column of `num_audio` times referenced to T
@@ -582,7 +590,7 @@ class DiT(nn.Module):
         are real (text_len: [B] ints or int tensor) -> (v_video [B, 48, T, h, w], v_audio [B, Na, 64]).
 
         Each sample attends only within itself (upstream packs a batch into one sequence and lets
-        samples see each other, spec §15; the pipeline only ever uses B = 1).
+        samples see each other; the pipeline only ever uses B = 1).
         """
         self._check_inputs(video, audio, text)
         text_len = [int(n) for n in (text_len.tolist() if torch.is_tensor(text_len) else text_len)]
@@ -625,7 +633,7 @@ class DiT(nn.Module):
 
 
 class SequenceParallel:
-    """Split the packed sequence across the ranks of a process group (spec dit §7).
+    """Split the packed sequence across the ranks of a process group (Ulysses-style).
 
     Every rank holds L/P rows of the residual stream (the sequence padded to a multiple of P). All
     token-wise work (norms, projections, MLPs, experts) runs on those rows. Attention needs every

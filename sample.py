@@ -7,15 +7,16 @@ Mirrors the official repository (GAIR-NLP/daVinci-MagiHuman):
   bh2, order 2, predictor + corrector) and `step_ddim`, as `flow_schedule`, `FlowUniPC`, `step_ddim`;
 - `inference/pipeline/video_generate.py`: `MagiEvaluator.evaluate_with_latent` and
   `schedule_latent_step` (the loop, CFG, the dispatch between the updates) as `denoise`, the base
-  half of `evaluate` as `base_pass`, and the ZeroSNR table (the negative prompt is in text_encoder.py);
+  half of `evaluate` as `base_pass` and the loop of its SR half as `sr_pass` (the SR inputs and
+  the ZeroSNR table are in sr.py, the negative prompt in text_encoder.py);
 - `inference/pipeline/pipeline.py`: the seeding (`Noise`), and `inference/common/config.py`:
   `EvaluationConfig` (`SampleConfig`).
 - `inference/pipeline/{pipeline,entry,video_process}.py`: the order of the stages (`generate`), the
   input and output files (`read_image`, `read_audio`, `write_mp4`) and the command line (`main`).
-The SR stage is in sr.py. Facts: ../shared/spec/sampling.md (§ numbers below refer to it).
+The SR stage's own maths is in sr.py; `sr_pass` here runs it through the same loop.
 
 Reading order: settings and sizes, `Noise`, schedules, the two updates, `denoise` (the loop),
-`base_pass`, then the pipeline: inputs, outputs, `Models` (which networks live where), `generate`,
+`base_pass` and `sr_pass`, then the pipeline: inputs, outputs, `Models` (which networks live where), `generate`,
 and the command line.
 
 The DiT is any callable `dit(video, audio, text, text_len) -> (v_video, v_audio)` (model.py's DiT,
@@ -97,7 +98,7 @@ def preset(name: str, **overrides) -> SampleConfig:
 
 
 # ==================================================================================================
-# Sizes (spec §3)
+# Sizes
 # ==================================================================================================
 
 VAE_STRIDE = (4, 16, 16)  # time, height, width: pixels per latent
@@ -130,7 +131,7 @@ def latent_length(num_frames: int) -> int:
 
 
 # ==================================================================================================
-# Noise: every random draw of a run goes through one Noise object (spec §2)
+# Noise: every random draw of a run goes through one Noise object
 # ==================================================================================================
 
 
@@ -174,7 +175,7 @@ class Noise:
 
 
 # ==================================================================================================
-# Schedules: the shifted flow-matching timesteps and the ZeroSNR table (spec §7.2, §8.3)
+# Schedules: the shifted flow-matching timesteps (the ZeroSNR table of SR is in sr.py)
 # ==================================================================================================
 
 
@@ -210,7 +211,7 @@ def flow_schedule(steps: int, shift: float, num_train_timesteps: int = 1000,
 
 
 # ==================================================================================================
-# The updates: flow-matching UniPC (bh2, order 2) and the distilled model's step_ddim (spec §7.4-7.5)
+# The updates: flow-matching UniPC (bh2, order 2) and the distilled model's step_ddim (scheduler_unipc.py)
 # ==================================================================================================
 
 
@@ -228,7 +229,7 @@ class FlowUniPC:
         self.i = 0  # index of the next step
         self.m: list[torch.Tensor] = []  # x0 predictions of the last two steps, oldest first
         self.last_sample = None  # the (corrected) sample the previous predictor started from
-        self.last_order = 1  # the previous predictor's order; the corrector reuses it (pitfall 4)
+        self.last_order = 1  # the previous predictor's order: the corrector reuses it, not the current one
 
     def _alpha_sigma_lambda(self, k: int):
         sigma = self.sigmas[k]
@@ -239,14 +240,14 @@ class FlowUniPC:
         i = self.i
         if i >= self.steps:
             raise RuntimeError(f"FlowUniPC: all {self.steps} steps already taken")
-        # x0 prediction from the *uncorrected* input sample (pitfall 4).
+        # x0 prediction from the *uncorrected* input sample, as upstream (not from the corrected one).
         m_i = x - self.sigmas[i] * v
         # Corrector (UniC), from step 1 on: redo the previous predictor step using m_i.
         if i > 0:
             x = self._correct(m_i)
         self.m = (self.m + [m_i])[-2:]
         # Order: 1 for the first step (warm-up), 2 after, 1 again at the last step (lower_order_final
-        # applies at every N upstream, there is no "< 15 steps" guard; pitfall 3).
+        # applies at every N upstream: there is no "< 15 steps" guard as in other UniPC ports).
         order = min(2, self.steps - i, i + 1)
         self.last_order = order
         self.last_sample = x
@@ -500,7 +501,7 @@ def sr_pass(
 
 
 # ==================================================================================================
-# Inputs: prompt, sizes, reference image, audio file (spec §3, §5, §6)
+# Inputs: prompt, sizes, reference image, audio file
 # ==================================================================================================
 
 AUDIO_RATE = 51200  # the rate the pipeline declares for VAE waveforms: 25 latents/s x 2048 samples
@@ -578,7 +579,7 @@ def read_audio(path, seconds: float | None) -> torch.Tensor:
 
 
 # ==================================================================================================
-# Outputs: uint8 frames, mp4 (H.264 + AAC) and wav, written atomically (spec §9)
+# Outputs: uint8 frames, mp4 (H.264 + AAC) and wav, written atomically
 # ==================================================================================================
 
 
@@ -768,7 +769,7 @@ def tiny_builders(dtype: torch.dtype, seed: int = 0) -> dict:
 
 
 # ==================================================================================================
-# The pipeline: prompt (+ image / audio) -> frames and waveform (MagiEvaluator.evaluate, spec §0)
+# The pipeline: prompt (+ image / audio) -> frames and waveform (MagiEvaluator.evaluate)
 # ==================================================================================================
 
 

@@ -44,7 +44,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 class T5GemmaEncoderConfig:
     """The encoder sub-config of t5gemma-9b-9b-ul2 (`config.json["encoder"]`, same field names).
 
-    Defaults are the released values (spec audio_text §3.1). Fields of config.json that do not change
+    Defaults are the released values (t5gemma-9b-9b-ul2's config.json). Fields of config.json that do not change
     the encoder's forward (dropout, initializer_range, use_cache, ...) are not listed and are ignored.
     """
 
