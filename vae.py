@@ -26,6 +26,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
+from scipy.signal import resample
 from torch import nn
 
 # ==================================================================================================
@@ -519,8 +521,6 @@ def image_to_tensor(image, height: int, width: int) -> torch.Tensor:
     EXIF transpose + RGB (diffusers `load_image`), centre crop to the target aspect ratio *without*
     resizing (`resizecrop`), then one LANCZOS resize (diffusers `VideoProcessor.preprocess`).
     """
-    from PIL import Image, ImageOps
-
     image = ImageOps.exif_transpose(image).convert("RGB")
     w, h = image.size
     if (w, h) != (width, height):
@@ -1110,7 +1110,5 @@ def resample_to_44k(audio: torch.Tensor) -> np.ndarray:
     Exactly the official `resample_audio_sinc(x, 441/512)`, which despite its name is
     `scipy.signal.resample`: the FFT method over the whole clip (periodic edges, Nyquist bin doubled).
     """
-    from scipy.signal import resample
-
     x = audio[0].detach().float().cpu().numpy().T  # 2 T -> T 2, time-major as post_process hands it over
     return resample(x, int(x.shape[0] * 441 / 512)).astype(np.float32, copy=False)
