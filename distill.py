@@ -25,8 +25,8 @@ Latents are handled as a tuple with one tensor per modality, (video [B, 48, T, h
 
 Run: `torchrun --nproc-per-node 8 distill.py --teacher DIR --prompts FILE --out DIR` (FSDP2; the
 same script runs as one plain process too; the prompts are encoded once with T5-Gemma and cached),
-`python distill.py --tiny-random --out DIR` (CPU demo with random weights). README "Distillation
-(DMD-2)" has the memory/GPU estimates. The DMD code is generic over the network: `test_all.py` runs
+`python distill.py --tiny-random --out DIR` (CPU demo with random weights). README's appendix
+has the memory/GPU estimates. The DMD code is generic over the network: `test_all.py` runs
 the very same `Distiller` on a 2-D Gaussian-mixture toy through `velocity_fn`.
 """
 

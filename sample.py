@@ -705,7 +705,7 @@ class Models:
 
 # Rough sizes in GB for choosing an offload mode: weights at their pipeline dtypes (DiT and T5-Gemma
 # bf16, audio VAE fp32) and the largest activations of a stage at each output size (the DiT's MLP
-# temporaries, the Turbo decode window; README "Memory").
+# temporaries, the Turbo decode window; README, appendix "Memory per run").
 WEIGHTS_GB = {"dit": 30.6, "text_encoder": 18.5, "wan": 1.4, "turbo": 0.2, "audio_vae": 0.6}
 ACTIVATIONS_GB = {"none": 4.0, "540p": 10.0, "1080p": 26.0}
 

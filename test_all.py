@@ -436,7 +436,7 @@ def _sp_worker(rank, world, out_dir):
         model.end_distributed(barrier=ok)  # nobody tears gloo down while a peer still talks to it
 
 
-@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 @pytest.mark.parametrize("world", [2, 3])
 def test_sequence_parallel(tmp_path, world):
     """2 and 3 ranks on the golden configs, full and local attention: every rank returns the
@@ -1017,7 +1017,7 @@ def test_layer_streaming_equals_resident():
         assert torch.equal(o[0], ref[0]) and torch.equal(o[1], ref[1])
 
 
-@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals Inductor touches
 def test_compiled_layers_equal_eager():
     """torch.compile of the layers (Inductor on CPU) == eager, float32 and the bf16 path."""
@@ -1701,7 +1701,7 @@ def test_download_selection_without_network(tmp_path, monkeypatch, capsys):
     assert "pip install huggingface_hub" in err and err.count("\n") == 1
 
 
-@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 def test_cli_two_processes_write_the_same_mp4(tmp_path):
     """torchrun with 2 CPU ranks (gloo, sequence-parallel DiT) against 1 process: the same latents
     and the same frames, and only rank 0 writes.
@@ -1732,6 +1732,7 @@ def test_cli_two_processes_write_the_same_mp4(tmp_path):
     assert mse == 0 or 10 * np.log10(255**2 / mse) > 30
 
 
+@pytest.mark.slow  # compiles every stage with Inductor on the CPU
 def test_bench_tiny_runs_and_prints_the_table():
     r = subprocess.run([sys.executable, str(HERE / "bench.py"), "--tiny", "--reps", "1"], capture_output=True,
                        text=True, timeout=600)
@@ -1990,7 +1991,7 @@ def run_distill_cli(*args, cwd=HERE):
     return subprocess.run([sys.executable, "distill.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 def test_distill_cli_tiny_random_and_resume(tmp_path):
     """The CLI end to end on CPU: train, checkpoint, resume; bad input is one clear line."""
     common = ["--tiny-random", "--out", str(tmp_path), "--steps", "2", "--log-every", "1", "--save-every", "2",
@@ -2029,7 +2030,7 @@ for name, extra in (("full", {}), ("lora_gan", dict(critic_lora_rank=4, gan=True
 """
 
 
-@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 def test_distill_fsdp_two_processes_resume(tmp_path):
     """FSDP2 on 2 CPU processes (gloo), full and LoRA+GAN critics: checkpoints gather the shards
     into official-key files that load_dit reads, and a resumed run (per-rank optimiser shards)
@@ -2182,7 +2183,7 @@ def toy_teacher():
     return net, c, ref
 
 
-@pytest.mark.slow  # one of the six slowest (~60% of the suite): skipped by `-m "not slow"`
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 @pytest.mark.parametrize("K", [1, 2])
 def test_distill_toy_students_beat_few_step_teacher(toy_teacher, K):
     """A K-step DMD-2 student (w = 1, backward simulation, TTUR 5, EMA 0.99)
