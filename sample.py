@@ -728,8 +728,7 @@ def choose_offload(device, sr: str) -> str:
 
 def release_builders(weights, model: str, sr: str, vae_kind: str, dtype: torch.dtype) -> dict:
     """Builders for the released networks under `weights` (layout: load_weights.py, "The release")."""
-    dit_config = dit_lib.dit_config
-    w = Path(weights)
+    w, dit_config = Path(weights), dit_lib.dit_config
     return {
         "dit": lambda dev: lw.load_dit(w / "daVinci-MagiHuman" / model, dit_config(model), dtype, dev),
         "sr_dit": lambda dev: lw.load_dit(w / "daVinci-MagiHuman" / f"{sr}_sr", dit_config(f"{sr}_sr"), dtype, dev),
