@@ -2277,3 +2277,26 @@ def test_gpu_smoke_tiny_pipeline_compiled_bf16(tmp_path):
         ref = dit(video, audio, text, [7, 5])
         out = compile_layers(dit)(video, audio, text, [7, 5])
     assert rel_l2(out[0], ref[0]) < 2e-2 and rel_l2(out[1], ref[1]) < 2e-2
+
+
+# ---- issue 13: README reading order ----
+
+
+def test_readme_reading_order_points_at_the_code():
+    """Each row of README's "Read in this order" names a file, a line range and, in parentheses, the
+    definitions to read there: every top-level one it names must start inside that range, so the
+    reading path cannot silently drift when the code moves."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) \| `(\w+\.py)` L(\d+)–(\d+) \((.*?)\)", readme, re.M)
+    assert len(rows) >= 8, "README lost its reading-order table"
+    for n, file, a, b, names in rows:
+        lines = (HERE / file).read_text(encoding="utf-8").splitlines()
+        found = {}
+        for name in re.findall(r"`(\w+)`", names):
+            pat = re.compile(rf"^(?:def|class) {name}\b|^{name}\s*=")
+            hits = [i + 1 for i, line in enumerate(lines) if pat.match(line)]
+            if hits:  # names that are not top-level (a method such as `forward`) are not checked
+                found[name] = hits[0]
+        assert found, f"row {n}: none of {names!r} is a top-level definition of {file}"
+        outside = {k: v for k, v in found.items() if not int(a) <= v <= int(b)}
+        assert not outside, f"row {n}: {file} L{a}–{b} does not hold {outside} (name: line); update README"
