@@ -61,7 +61,7 @@ import model as dit_lib
 import sample
 import text_encoder as te
 from model import DiT, DiTConfig, dit_config
-from sample import GUIDANCE_SWITCH_T, LATE_VIDEO_GUIDANCE, SampleConfig, shift_sigma
+from sample import GUIDANCE_SWITCH_T, LATE_VIDEO_GUIDANCE, SIGMA_MAX, SampleConfig, shift_sigma
 
 Latents = tuple  # one tensor per modality: (video [B, 48, T, h, w], audio [B, N, 64])
 MODALITIES = ("video", "audio")
@@ -79,10 +79,11 @@ class DistillConfig:
     # Student sampler: K steps on the shifted grid of `set_timesteps(K, shift=5)`.
     steps: int = 8
     grid_shift: float = 5.0
-    grid_sigma_max: float | None = None  # None: the scheduler's float32(0.999); the 2-D toy uses 1
+    grid_sigma_max: float = SIGMA_MAX  # the scheduler's float32(0.999); the 2-D toy uses 1
     # Real score: the base sampler's CFG, video 5.0 while t > 500 else 2.0, audio 5.0 always.
-    cfg_video_high: float = SampleConfig.video_txt_guidance_scale  # while t > GUIDANCE_SWITCH_T
+    cfg_video_high: float = SampleConfig.video_txt_guidance_scale  # while t > cfg_switch_t
     cfg_video_low: float = LATE_VIDEO_GUIDANCE  # after the switch
+    cfg_switch_t: int = GUIDANCE_SWITCH_T  # the sampler's switch; change it only to experiment
     cfg_audio: float = SampleConfig.audio_txt_guidance_scale
     # Noise levels of the DMD and critic losses (as the flow-matching ports): σ = clamp(shift(u), lo, hi), u ~ U[0, 1).
     dmd_shift: float = 5.0
@@ -154,7 +155,7 @@ def velocity_from_x0(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> 
     return (x.double() - x0.double()) / per_sample(sigma, x).double()
 
 
-def student_sigmas(steps: int, shift: float = 5.0, sigma_max: float | None = None) -> torch.Tensor:
+def student_sigmas(steps: int, shift: float = 5.0, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
     """The distilled sampler's grid σ_0 > ... > σ_{K-1} > σ_K = 0, float32 [K + 1]: the sampler's
     own `sample.flow_schedule(K, shift)` (K = 8 gives 0.9998, 0.9720, 0.9373, 0.8926, 0.8331,
     0.7497, 0.6247, 0.4164, 0). σ_max is a parameter only so the 2-D toy can use the grid 1 - k/K.
@@ -474,7 +475,7 @@ class Distiller:
     def guidance_scales(self, sigma: torch.Tensor) -> tuple:
         """Per-sample CFG scales (video, audio) [B] at σ, as the base sampler applies them."""
         t = (sigma.double() * 1000).long()  # the scheduler's truncated int timestep; switch is t > 500
-        video = torch.where(t > GUIDANCE_SWITCH_T, self.cfg.cfg_video_high, self.cfg.cfg_video_low)
+        video = torch.where(t > self.cfg.cfg_switch_t, self.cfg.cfg_video_high, self.cfg.cfg_video_low)
         # Audio keeps one scale at every σ (the official audio CFG has no switch).
         return video.double(), torch.full_like(video, self.cfg.cfg_audio, dtype=torch.float64)
 

@@ -184,22 +184,29 @@ def shift_sigma(sigma, shift: float):
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def train_sigmas(num_train_timesteps: int = 1000) -> np.ndarray:
+    """The scheduler's training grid sigma = 1 - alpha, alpha = linspace(1, 1/n, n) reversed, stored as
+    float32 upstream: from float32(0.999) = 0.99900001287... (not 1) down to exactly 0."""
+    alphas = np.linspace(1, 1 / num_train_timesteps, num_train_timesteps)[::-1].copy()
+    return (1.0 - alphas).astype(np.float32)
+
+
+SIGMA_MAX = float(train_sigmas()[0])  # where every schedule starts: float32(0.999), not 1
+
+
 def flow_schedule(steps: int, shift: float, num_train_timesteps: int = 1000,
                   sigma_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps [steps] int64, sigmas [steps + 1] float32 ending in 0) of `set_timesteps(steps, shift)`.
 
     NumPy float64 as upstream, so the truncated integer timesteps come out bit-identical.
-    `sigma_max` None: the scheduler's own (float32(0.999)); another value only for toy problems.
+    `sigma_max` None: the training grid's (SIGMA_MAX); another value only for toy problems.
     """
     if int(steps) < 1:
         raise ValueError(f"the number of sampling steps must be >= 1, got {steps}")
-    # Training grid sigma = 1 - alpha, alpha = linspace(1, 1/n, n) reversed; stored as float32 upstream,
-    # so sigma_max = float32(0.999) = 0.99900001287..., sigma_min = 0.
-    alphas = np.linspace(1, 1 / num_train_timesteps, num_train_timesteps)[::-1].copy()
-    train_sigmas = (1.0 - alphas).astype(np.float32)
-    sigma_min = float(train_sigmas[-1])
+    grid = train_sigmas(num_train_timesteps)
+    sigma_min = float(grid[-1])
     if sigma_max is None:
-        sigma_max = float(train_sigmas[0])
+        sigma_max = float(grid[0])
     sigmas = np.linspace(sigma_max, sigma_min, steps + 1).copy()[:-1]  # float64, last (0) dropped
     # The shift is applied here only: the official scheduler is constructed with shift 1 and gets
     # the real shift from set_timesteps, so it is applied once, not twice.
