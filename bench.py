@@ -17,24 +17,31 @@ depend on their values. Times are CUDA-event medians over `--reps` runs after `-
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import load_weights
 import model as dit_lib
 import sample
-import sr as sr_stage
+import text_encoder as te
+import vae
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16 datasheet figure
 SECONDS = 5
-TEXT_TOKENS = 200  # a typical enhanced prompt (spec dit §14 uses 100-640)
+TEXT_TOKENS = 200  # a typical enhanced prompt (prompts run from ~100 to the 640-token cap)
 OFFICIAL_MS = {"dit256": 1600, "sr540": 5100, "sr1080": 31000, "turbo256": 400, "turbo540": 1300, "turbo1080": 5800}
 
 # ==================================================================================================
-# FLOPs (spec dit §14): matmuls of the 40 layers, attention, embedders and heads
+# FLOPs: matmuls of the 40 layers, attention, embedders and heads
 # ==================================================================================================
 
 
@@ -120,16 +127,13 @@ def format_table(rows: list[Row], device_name: str) -> str:
 # ==================================================================================================
 
 
-def random_dit(preset: str, device, dtype, tiny: bool, offload: str, compile: bool, sp=None):
+def preset_dit(preset: str, device, dtype, tiny: bool, offload: str, compile: bool, sp=None):
     """A DiT of a released preset (or its tiny twin) with random weights, placed as `offload` says."""
     cfg = dit_lib.dit_config(preset)
     if tiny:  # same features (coords style, local layers) at a few MB
         cfg = dit_lib.dit_config("tiny", coords_style=cfg.coords_style, frame_receptive_field=2,
                                  local_attn_layers=[1, 2] if cfg.local_attn_layers else [])
-    build_on = "cpu" if offload == "layers" else device
-    with torch.device("meta"):
-        dit = dit_lib.DiT(cfg, block_dtype=dtype)
-    dit = dit_lib.init_random_(dit.to_empty(device=build_on), seed=0).eval()
+    dit = dit_lib.random_dit(cfg, block_dtype=dtype, seed=0, device="cpu" if offload == "layers" else device)
     if offload == "layers":
         dit_lib.LayerStreamer(dit, device)
         for name_, child in dit.named_children():
@@ -150,7 +154,7 @@ def text_features(cfg, device, n=TEXT_TOKENS):
 def bench_dit256(args, device, dtype, sp) -> Row:
     """The distilled base pass: 8 steps, one forward each, at 448x256 (latent 32x16x28)."""
     size = (64, 32) if args.tiny else (448, 256)
-    dit = random_dit("distill", device, dtype, args.tiny, args.offload, args.compile, sp)
+    dit = preset_dit("distill", device, dtype, args.tiny, args.offload, args.compile, sp)
     text, tl = text_features(dit.cfg, device, 8 if args.tiny else TEXT_TOKENS)
     cfg = sample.preset("distill")
     frames = sample.num_frames_for(1 if args.tiny else SECONDS)
@@ -170,7 +174,7 @@ def bench_sr(args, device, dtype, sp, which: str) -> Row:
     """The SR pass: 5 UniPC steps, cond only, at 896x512 (full) or 1920x1088 (local attention)."""
     base = (64, 32) if args.tiny else (448, 256)
     sr_w, sr_h = (128, 64) if args.tiny else sample.sr_size_for(*base, which)
-    dit = random_dit(f"{which}_sr", device, dtype, args.tiny, args.offload, args.compile, sp)
+    dit = preset_dit(f"{which}_sr", device, dtype, args.tiny, args.offload, args.compile, sp)
     text, tl = text_features(dit.cfg, device, 8 if args.tiny else TEXT_TOKENS)
     cfg = sample.preset(f"{which}_sr")
     frames = sample.num_frames_for(1 if args.tiny else SECONDS)
@@ -180,7 +184,7 @@ def bench_sr(args, device, dtype, sp, which: str) -> Row:
     br_audio = torch.randn(1, frames, 64, generator=g).to(device)
 
     def run():
-        sr_stage.sr_pass(dit, cfg, br_video, br_audio, text, tl, sr_latent_hw=sr_hw,
+        sample.sr_pass(dit, cfg, br_video, br_audio, text, tl, sr_latent_hw=sr_hw,
                          noise=sample.Noise(0, device), progress=False)
 
     ms, peak = time_ms(run, device, args.warmup, args.reps)
@@ -191,8 +195,6 @@ def bench_sr(args, device, dtype, sp, which: str) -> Row:
 
 def bench_decode(args, device, dtype, which: str) -> Row:
     """Turbo VAE decode of a 5 s latent at the stage's size."""
-    import vae
-
     sizes = {"256": (448, 256), "540": (896, 512), "1080": (1920, 1088)}
     w, h = (64, 32) if args.tiny else sizes[which]
     cfg = vae.TurboVAEDConfig.tiny() if args.tiny else vae.TurboVAEDConfig()
@@ -210,8 +212,6 @@ def bench_decode(args, device, dtype, which: str) -> Row:
 
 
 def bench_audio(args, device) -> Row:
-    import vae
-
     cfg = vae.OobleckConfig.tiny() if args.tiny else vae.OobleckConfig()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -227,8 +227,6 @@ def bench_audio(args, device) -> Row:
 
 
 def bench_text(args, device, dtype) -> Row:
-    import text_encoder as te
-
     cfg = te.T5GemmaEncoderConfig.tiny() if args.tiny else te.T5GemmaEncoderConfig()
     with torch.device("meta"):
         enc = te.T5GemmaEncoder(cfg)
@@ -264,12 +262,6 @@ def run_stages(args, device, dtype, sp=None) -> list[Row]:
 
 def scaling(args, argv) -> int:
     """--nproc N: run the stages under torchrun with 1 and with N ranks and print the speed-up."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
     child = [a for a in (argv if argv is not None else sys.argv[1:])]
     k = child.index("--nproc") if "--nproc" in child else None
     child = child[:k] + child[k + 2:] if k is not None else [a for a in child if not a.startswith("--nproc=")]
@@ -316,8 +308,6 @@ def main(argv=None) -> int:
     args.reps = args.reps or (2 if args.tiny else 3)
     torch.set_grad_enabled(False)  # inference only: no autograd graphs, no saved activations
 
-    import os
-
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return scaling(args, argv)
     distributed = "WORLD_SIZE" in os.environ
@@ -344,12 +334,8 @@ def main(argv=None) -> int:
         device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
         torch.backends.cuda.matmul.allow_tf32 = False  # as upstream (PyTorch's default)
     if distributed:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo" if args.tiny else "nccl")
-        sp, rank = dit_lib.SequenceParallel(), dist.get_rank()
-        if sp.world == 1:
-            sp = None
+        rank, world, _ = dit_lib.init_distributed(device)
+        sp = dit_lib.SequenceParallel() if world > 1 else None
         # Only the DiT stages are split across ranks; the others would just repeat on every rank.
         args.stages = [s for s in args.stages if s in ("dit256", "sr540", "sr1080")]
     rows = run_stages(args, device, dtype, sp)
@@ -359,15 +345,11 @@ def main(argv=None) -> int:
         print(format_table(rows, f"{name} x{world}, {str(dtype)[6:]}, compile={args.compile}, "
                                  f"offload={args.offload}, {time.strftime('%Y-%m-%d')}"))
         if args.json_out:
-            import json
-            from pathlib import Path
-
             rows_json = [{"stage": r.stage, "ms": r.ms, "peak_gib": r.peak_gib} for r in rows]
             text = json.dumps({"device": name, "world": world, "rows": rows_json})
             load_weights.atomic_write(Path(args.json_out), lambda tmp: Path(tmp).write_text(text))
     if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+        dit_lib.end_distributed()
     return 0
 
 

@@ -3,12 +3,12 @@
 daVinci-MagiHuman's 8-step `distill` checkpoint was made with DMD-2 (Yin et al. 2024, "Improved
 Distribution Matching Distillation"), but no training code was released. This file is that code,
 written from the DMD-2 paper and its public ports (tianweiy/DMD2, CausVid, Self-Forcing, FastVideo);
-facts and section numbers below refer to spec/dmd2.md. It mirrors no official file; the student it
+It mirrors no official file; the student it
 trains is sampled exactly like the official distilled model (`step_ddim` on the 8-σ shift-5 grid of
 `inference/pipeline/scheduler_unipc.py`, no CFG), so the result loads through
 `load_weights.load_dit` and runs in `sample.py` as a distilled model.
 
-The idea in a few lines (§2, §3, §9):
+The idea in a few lines:
 - Three copies of the DiT: the frozen teacher gives the "real" score (with CFG against the negative
   prompt, video/audio scales as in the base sampler); a trainable "fake" score (the critic) tracks
   what the student currently generates; the student (generator) starts as the teacher.
@@ -25,9 +25,9 @@ Latents are handled as a tuple with one tensor per modality, (video [B, 48, T, h
 
 Run: `torchrun --nproc-per-node 8 distill.py --teacher DIR --prompts FILE --out DIR` (FSDP2; the
 same script runs as one plain process too; the prompts are encoded once with T5-Gemma and cached),
-`python distill.py --tiny-random --out DIR` (CPU demo with random weights). README "Distillation
-(DMD-2)" has the memory/GPU estimates. The DMD code is generic over the network: `test_all.py` runs
-the very same `Distiller` on a 2-D Gaussian-mixture toy (§13) through `velocity_fn`.
+`python distill.py --tiny-random --out DIR` (CPU demo with random weights). README's appendix
+has the memory/GPU estimates. The DMD code is generic over the network: `test_all.py` runs
+the very same `Distiller` on a 2-D Gaussian-mixture toy through `velocity_fn`.
 """
 
 from __future__ import annotations
@@ -42,17 +42,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
 
 import load_weights
-from model import DiT, DiTConfig, dit_config, init_random_
+import model as dit_lib
+import sample
+import text_encoder as te
+from model import DiT, DiTConfig, dit_config
+from sample import GUIDANCE_SWITCH_T, LATE_VIDEO_GUIDANCE, SIGMA_MAX, SampleConfig, shift_sigma
 
 Latents = tuple  # one tensor per modality: (video [B, 48, T, h, w], audio [B, N, 64])
 MODALITIES = ("video", "audio")
-SIGMA_MAX = float(np.float32(0.999))  # the scheduler's σ_max: float32(0.999), not 1 (sampling spec §7.2)
 
 # ==================================================================================================
 # Configuration
@@ -62,28 +73,28 @@ SIGMA_MAX = float(np.float32(0.999))  # the scheduler's σ_max: float32(0.999), 
 @dataclass
 class DistillConfig:
     """Every knob of a DMD-2 run. Defaults are for the 15B joint DiT; [E] marks choices of ours
-    (no upstream value exists), the rest cite their source in spec/dmd2.md."""
+    (no upstream value exists); the rest follow the DMD2 paper or the public port named beside them."""
 
-    # Student sampler (§10): K steps on the shifted grid of `set_timesteps(K, shift=5)`.
+    # Student sampler: K steps on the shifted grid of `set_timesteps(K, shift=5)`.
     steps: int = 8
     grid_shift: float = 5.0
-    grid_sigma_max: float = SIGMA_MAX
-    # Real score (§1): the base sampler's CFG, video 5.0 while t > 500 else 2.0, audio 5.0 always.
-    cfg_video_high: float = 5.0
-    cfg_video_low: float = 2.0
-    cfg_switch_t: int = 500
-    cfg_audio: float = 5.0
-    # Noise levels of the DMD and critic losses (§4, §5): σ = clamp(shift(u), lo, hi), u ~ U[0, 1).
+    grid_sigma_max: float = SIGMA_MAX  # the scheduler's float32(0.999); the 2-D toy uses 1
+    # Real score: the base sampler's CFG, video 5.0 while t > 500 else 2.0, audio 5.0 always.
+    cfg_video_high: float = SampleConfig.video_txt_guidance_scale  # while t > cfg_switch_t
+    cfg_video_low: float = LATE_VIDEO_GUIDANCE  # after the switch
+    cfg_switch_t: int = GUIDANCE_SWITCH_T  # the sampler's switch; change it only to experiment
+    cfg_audio: float = SampleConfig.audio_txt_guidance_scale
+    # Noise levels of the DMD and critic losses (as the flow-matching ports): σ = clamp(shift(u), lo, hi), u ~ U[0, 1).
     dmd_shift: float = 5.0
     dmd_sigma_min: float = 0.02
     dmd_sigma_max: float = 0.98
     critic_shift: float = 5.0
     critic_sigma_min: float = 0.02
     critic_sigma_max: float = 0.98
-    # Per-modality loss weights (§12 [E]): each modality's loss is its own mean.
+    # Per-modality loss weights [E]: each modality's loss is its own mean.
     video_weight: float = 1.0
     audio_weight: float = 1.0
-    # Two time-scale update rule and optimisers (§6): lr 2e-6 for both as CausVid (Wan, bidirectional);
+    # Two time-scale update rule and optimisers: lr 2e-6 for both as CausVid (Wan, bidirectional);
     # betas (0, 0.999) as Self-Forcing and FastVideo LTX-2; wd 0.01 and clip 10 as DMD2 [R][V].
     critic_ratio: int = 5  # critic steps per generator step
     batch_size: int = 1  # per process
@@ -92,19 +103,19 @@ class DistillConfig:
     betas: tuple = (0.0, 0.999)
     weight_decay: float = 0.01
     grad_clip: float = 10.0
-    # EMA of the student (§11): decay 0.99 from generator step 200 (Self-Forcing, FastVideo); 0 = off.
+    # EMA of the student: decay 0.99 from generator step 200 (Self-Forcing, FastVideo); 0 = off.
     ema_decay: float = 0.99
     ema_start: int = 200
-    # Optional GAN head on critic features (§7); needs real paired latents. Weights are DMD2 SDXL's.
+    # Optional GAN head on critic features (DMD2's diffusion-GAN); needs real paired latents. Weights are DMD2 SDXL's.
     gan: bool = False
     gan_layer: int = 20  # the critic layer whose output the head reads [E]: the middle of 40
     gan_hidden: int = 256
     gan_gen_weight: float = 5e-3
     gan_disc_weight: float = 1e-2
-    # LoRA critic (§2): 0 = full critic; r > 0 = rank-r adapters on the frozen teacher [V DMD2_wanx].
+    # LoRA critic: 0 = full critic; r > 0 = rank-r adapters on the frozen teacher [V DMD2_wanx].
     critic_lora_rank: int = 0
     critic_lora_alpha: float = 0.0  # 0 means alpha = rank (scale 1)
-    # Speed/memory (§11): bf16 autocast around the fp32 student/critic, activation checkpointing.
+    # Speed/memory: bf16 autocast around the fp32 student/critic, activation checkpointing.
     autocast: bool = True  # only takes effect on CUDA
     grad_checkpointing: bool = True  # per-layer activation checkpointing (needed at 15B)
     seed: int = 0
@@ -139,7 +150,7 @@ class DistillConfig:
 
 
 # ==================================================================================================
-# Flow-matching conventions (§1) and noise levels (§4, §10)
+# Flow-matching conventions and noise levels
 # ==================================================================================================
 
 
@@ -155,7 +166,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
 
 
 def x0_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x0̂ = x_σ − σ·v, in float64: DMD takes differences of nearly equal predictions (§3, [R])."""
+    """x0̂ = x_σ − σ·v, in float64: DMD takes differences of nearly equal predictions."""
     return x.double() - per_sample(sigma, x).double() * v.double()
 
 
@@ -164,26 +175,16 @@ def velocity_from_x0(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> 
     return (x.double() - x0.double()) / per_sample(sigma, x).double()
 
 
-def shift_sigma(u, shift: float):
-    """The timestep shift σ = s·u / (1 + (s − 1)·u) (sampling spec §7.2)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
 def student_sigmas(steps: int, shift: float = 5.0, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
-    """The distilled sampler's grid σ_0 > ... > σ_{K-1} > σ_K = 0, float32 [K + 1].
-
-    Exactly `FlowUniPCMultistepScheduler.set_timesteps(K, shift)` (sampling spec §7.2): numpy float64
-    linspace from σ_max down to 0 with the last point dropped, shifted, 0 appended, cast to float32.
-    K = 8 gives 0.9998, 0.9720, 0.9373, 0.8926, 0.8331, 0.7497, 0.6247, 0.4164, 0.
-    With the default σ_max this equals `sample.flow_schedule(K, shift)`'s sigmas bit for bit (a test
-    checks it); σ_max is a parameter only so the 2-D toy can use the plain grid 1 - k/K.
+    """The distilled sampler's grid σ_0 > ... > σ_{K-1} > σ_K = 0, float32 [K + 1]: the sampler's
+    own `sample.flow_schedule(K, shift)` (K = 8 gives 0.9998, 0.9720, 0.9373, 0.8926, 0.8331,
+    0.7497, 0.6247, 0.4164, 0). σ_max is a parameter only so the 2-D toy can use the grid 1 - k/K.
     """
-    u = np.linspace(sigma_max, 0.0, steps + 1)[:-1]  # float64, σ_max·(1 − k/K)
-    return torch.tensor(np.append(shift_sigma(u, shift), 0.0), dtype=torch.float32)
+    return sample.flow_schedule(steps, shift, sigma_max=sigma_max)[1]
 
 
 def training_sigmas(n: int, shift: float, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
-    """σ [n] for the DMD/critic losses: u ~ U[0, 1), shifted, then clamped (the flow ports, §4).
+    """σ [n] for the DMD/critic losses: u ~ U[0, 1), shifted, then clamped (the flow-matching ports).
 
     The clamp after a shift of 5 puts ~9% of draws exactly on σ = hi; that is what the ports do.
     """
@@ -192,12 +193,12 @@ def training_sigmas(n: int, shift: float, lo: float, hi: float, generator: torch
 
 
 # ==================================================================================================
-# The DMD gradient and the losses (§3, §5, §7)
+# The DMD gradient and the losses
 # ==================================================================================================
 
 
 def dmd_direction(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-    """g = (x0_fake − x0_real) / n, with n = mean |x0 − x0_real| per sample (float64, §3 steps 5-6).
+    """g = (x0_fake − x0_real) / n, with n = mean |x0 − x0_real| per sample (float64; DMD2's normaliser).
 
     The score difference s_fake − s_real is proportional to x0_real − x0_fake at a given (x_σ, σ),
     so −g points from what the student makes towards what the teacher would make. Dividing by the
@@ -211,7 +212,7 @@ def dmd_direction(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor
 
 
 def dmd_loss(x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """½·mean (x0 − stopgrad(x0 − g))²: its gradient w.r.t. x0 is exactly g / numel(x0) (§3 step 7).
+    """½·mean (x0 − stopgrad(x0 − g))²: its gradient w.r.t. x0 is exactly g / numel(x0).
 
     The value (½·mean g²) is not a quality metric; log mean |g| instead.
     """
@@ -221,7 +222,7 @@ def dmd_loss(x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def flow_loss(v: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Flow matching on (detached) student samples: mean (v_fake − (ε − x0))² (§5, the "flow" loss)."""
+    """Flow matching on (detached) student samples: mean (v_fake − (ε − x0))² (the "flow" loss)."""
     return F.mse_loss(v.float(), (noise - x0).float())  # float32 even when v came out of bf16 autocast
 
 
@@ -280,7 +281,7 @@ LORA_TARGETS = ("attention.linear_qkv", "attention.linear_proj", "mlp.up_gate_pr
 
 
 class LoRACritic(nn.Module):
-    """The fake score as LoRA adapters on the frozen teacher (§2, DMD2_wanx): adapters on = critic,
+    """The fake score as LoRA adapters on the frozen teacher (as DMD2's Wan port): adapters on = critic,
     off = real score. Saves a full trainable 15B copy (weights, grads, Adam states).
 
     The adapters are attached with forward hooks on the teacher's linears, so model.py is untouched
@@ -352,7 +353,7 @@ def dit_token_groups(out: torch.Tensor, args) -> list:
 
 
 class GanHead(nn.Module):
-    """One realism logit per sample from critic features (§7, §12 [E]).
+    """One realism logit per sample from critic features [E].
 
     A per-token MLP, a mean over each token group (video, audio), and an MLP on the concatenated
     pools, so the head sees both modalities together and can judge audio-video agreement.
@@ -418,7 +419,7 @@ def pad_text(feats: list) -> Text:
 
 
 class RealData:
-    """Real paired latents with their text, for the GAN (§7): video [M, ...], audio [M, ...], text."""
+    """Real paired latents with their text, for the GAN: video [M, ...], audio [M, ...], text."""
 
     def __init__(self, video: torch.Tensor, audio: torch.Tensor, text: list):
         if not (len(video) == len(audio) == len(text)) or len(video) == 0:
@@ -437,12 +438,12 @@ class RealData:
 
 class Distiller:
     """Holds the networks, optimisers, EMA and RNG state, and runs one DMD-2 iteration per
-    `train_step()` (§6, §14).
+    `train_step()`.
 
     teacher: frozen DiT (real score). student: trainable copy (generator). critic: trainable copy
     (fake score), or None together with `lora` (a LoRACritic on the teacher). `latent_shapes`: the
     per-sample shape of every modality. `velocity_fn(net, x, σ, text)` is the only place a network
-    is called (DiT: `dit_velocity`). `gan_tap`/`gan_head`/`real_data`: the optional GAN (§7).
+    is called (DiT: `dit_velocity`). `gan_tap`/`gan_head`/`real_data`: the optional GAN.
     `mesh`: the FSDP2 device mesh when running distributed (None: one process).
     """
 
@@ -464,14 +465,14 @@ class Distiller:
         self.critic_params = list((critic or lora).parameters()) + (list(gan_head.parameters()) if gan_head else [])
         # Small modules that are not FSDP-sharded (LoRA adapters, GAN head): their grads are averaged by hand.
         self.replicated = (list(lora.parameters()) if lora else []) + (list(gan_head.parameters()) if gan_head else [])
-        # Two optimisers, one per player, each with its own learning rate (TTUR, §6).
+        # Two optimisers, one per player, each with its own learning rate (TTUR).
         opt = dict(betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.opt_g = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr_generator, **opt)
         self.opt_c = torch.optim.AdamW(self.critic_params, lr=cfg.lr_critic, **opt)
         self.ema = EMA(student, cfg.ema_decay, cfg.ema_start) if cfg.ema_decay > 0 else None
 
         # Two RNGs: `shared` is seeded identically on every rank (the backward-simulation step k
-        # must agree across ranks, §9), `noise` differs per rank (prompts, σ, ε). Both on the CPU,
+        # must agree across ranks), `noise` differs per rank (prompts, σ, ε). Both on the CPU,
         # so a seed gives the same draws on any device.
         self.shared_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * rank)
@@ -487,12 +488,12 @@ class Distiller:
         return tuple(torch.randn(B, *s, generator=g).to(self.device) for s in self.latent_shapes)
 
     def amp(self):
-        """bf16 autocast around fp32 student/critic calls on CUDA, as DMD2 trains (§11)."""
+        """bf16 autocast around fp32 student/critic calls on CUDA, as DMD2 trains."""
         on = self.cfg.autocast and self.device.type == "cuda"
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on) if on else contextlib.nullcontext()
 
     def guidance_scales(self, sigma: torch.Tensor) -> tuple:
-        """Per-sample CFG scales (video, audio) [B] at σ, as the base sampler applies them (§1)."""
+        """Per-sample CFG scales (video, audio) [B] at σ, as the base sampler applies them."""
         t = (sigma.double() * 1000).long()  # the scheduler's truncated int timestep; switch is t > 500
         video = torch.where(t > self.cfg.cfg_switch_t, self.cfg.cfg_video_high, self.cfg.cfg_video_low)
         # Audio keeps one scale at every σ (the official audio CFG has no switch).
@@ -527,7 +528,7 @@ class Distiller:
                       for vc, vu, s in zip(v_cond, v_neg, scales))
         return tuple(x0_from_velocity(xm, vm, sigma) for xm, vm in zip(x, v))
 
-    # ---- student sampling (§9, §10) -------------------------------------------------------------
+    # ---- student sampling -------------------------------------------------------------------
 
     def rollout(self, net, text: Text, stop: int, grad: bool = False, generator=None) -> Latents:
         """Run the K-step student sampler from pure noise up to step `stop` and return its x0̂ there.
@@ -559,7 +560,7 @@ class Distiller:
 
     def train_step(self) -> dict:
         """One DMD-2 iteration: a student batch by backward simulation, a generator update every
-        `critic_ratio` iterations, and a critic update every iteration (TTUR, §6)."""
+        `critic_ratio` iterations, and a critic update every iteration (TTUR)."""
         cfg = self.cfg
         generator_turn = self.iteration % cfg.critic_ratio == 0  # iterations 0, N, 2N, ...: ⌈M/N⌉ of M
         # Each rank draws its own prompts (prompts with replacement; the list is small next to the run).
@@ -567,7 +568,7 @@ class Distiller:
         text = self.prompts.batch(idx).to(self.device)
         # The exit step k is drawn from the shared RNG so every rank rolls out to the same step.
         k = int(torch.randint(cfg.steps, (1,), generator=self.shared_gen))
-        # Critic-only iterations still need a fresh student batch, just without a graph (§6).
+        # Critic-only iterations still need a fresh student batch, just without a graph.
         x0 = self.rollout(self.student, text, k, grad=generator_turn)
         logs = {"k": k}
         if generator_turn:
@@ -578,7 +579,7 @@ class Distiller:
         return logs
 
     def generator_update(self, x0: Latents, text: Text) -> dict:
-        """DMD loss per modality (+ GAN generator loss) -> clip -> AdamW step -> EMA (§3, §14.3)."""
+        """DMD loss per modality (+ GAN generator loss) -> clip -> AdamW step -> EMA."""
         cfg = self.cfg
         with self.critic_frozen():
             g = self.dmd_directions(x0, text)
@@ -616,7 +617,7 @@ class Distiller:
 
     @torch.no_grad()
     def dmd_directions(self, x0: Latents, text: Text) -> list:
-        """g per modality for a student batch x0: re-noise, ask teacher (CFG) and critic (§3 steps 2-6)."""
+        """g per modality for a student batch x0: re-noise, ask teacher (CFG) and critic."""
         cfg, B = self.cfg, len(text.lens)
         sigma = training_sigmas(B, cfg.dmd_shift, cfg.dmd_sigma_min, cfg.dmd_sigma_max, self.noise_gen)
         # One σ per sample shared by video and audio (as at inference), independent noise each.
@@ -626,12 +627,12 @@ class Distiller:
         return [dmd_direction(m, r, f) for m, r, f in zip(x0, real, fake)]  # per modality, own normaliser
 
     def critic_update(self, x0: Latents, text: Text) -> dict:
-        """Flow matching on the detached student samples (+ GAN discriminator loss) -> step (§5)."""
+        """Flow matching on the detached student samples (+ GAN discriminator loss) -> step."""
         cfg, B = self.cfg, len(text.lens)
         sigma = training_sigmas(B, cfg.critic_shift, cfg.critic_sigma_min, cfg.critic_sigma_max, self.noise_gen)
         noise = self.randn(B)
         x_t = tuple(add_noise(m, n, sigma) for m, n in zip(x0, noise))  # same σ for both modalities
-        v = self.fake_velocity(x_t, sigma, text)  # conditional only: the critic never uses CFG (§2)
+        v = self.fake_velocity(x_t, sigma, text)  # conditional only: the critic never uses CFG (DMD2)
         losses = [flow_loss(vm, n, m) for vm, n, m in zip(v, noise, x0)]
         loss = sum(w * l for w, l in zip(self.weights, losses))
         logs = {f"critic_{n}": l.item() for n, l in zip(MODALITIES, losses)}
@@ -653,7 +654,7 @@ class Distiller:
         return logs
 
     def gan_logits(self, x0: Latents, text: Text) -> torch.Tensor:
-        """Diffusion-GAN (§7): re-noise x0 at σ ~ U[0, 1), run the critic, read its tapped features."""
+        """Diffusion-GAN: re-noise x0 at σ ~ U[0, 1), run the critic, read its tapped features."""
         B = len(text.lens)
         sigma = torch.rand(B, generator=self.noise_gen)  # [R]: t uniform over the whole [0, 1000)
         x_t = tuple(add_noise(m, n, sigma) for m, n in zip(x0, self.randn(B)))
@@ -724,19 +725,10 @@ def init_distributed(device: str | None):
     """(rank, world size, mesh, device). Under torchrun: one process per GPU (or CPU with gloo)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # plain `python distill.py`: no process group
-        return 0, 1, None, torch.device(device)
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    kind = torch.device(device).type
-    if not dist.is_initialized():  # (main() may run several times in one job, e.g. in the tests)
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if kind == "cuda":  # one GPU per process, picked by torchrun's LOCAL_RANK
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = f"cuda:{torch.cuda.current_device()}"
-    return rank, world, init_device_mesh(kind, (world,)), torch.device(device)  # 1-D mesh: plain FSDP
+    rank, world, device = dit_lib.init_distributed(device)
+    if world == 1:  # plain `python distill.py`: no process group
+        return 0, 1, None, device
+    return rank, world, init_device_mesh(device.type, (world,)), device  # 1-D mesh: plain FSDP
 
 
 def prepare_dit(net: DiT, mesh, checkpointing: bool) -> DiT:
@@ -746,12 +738,10 @@ def prepare_dit(net: DiT, mesh, checkpointing: bool) -> DiT:
     keep the official keys (no wrapper prefixes to strip).
     """
     if checkpointing:
-        from torch.distributed._composable import checkpoint
 
         for layer in net.block.layers:
             checkpoint(layer)  # keep only each layer's input; recompute the inside during backward
     if mesh is not None:
-        from torch.distributed.fsdp import fully_shard
 
         for layer in net.block.layers:
             fully_shard(layer, mesh=mesh)  # each layer is gathered just before it runs, freed after
@@ -781,8 +771,6 @@ def average_replicated_grads(params: list, mesh):
     """Average the gradients of un-sharded parameters over ranks (FSDP does this for the rest)."""
     if mesh is None:
         return
-    import torch.distributed as dist
-
     for p in params:  # the modules are small (LoRA, GAN head): one all-reduce per tensor is fine
         if p.grad is not None:
             dist.all_reduce(p.grad)  # SUM (gloo has no AVG), then divide
@@ -834,8 +822,6 @@ def load_optimizer_tensors(opt, module: nn.Module, prefix: str, tensors: dict, s
                 raise load_weights.CheckpointError(
                     f"{source}: {keys[key]} has shape {tuple(t.shape)}, expected {tuple(local(p).shape)}")
             if hasattr(p, "device_mesh"):  # FSDP2: Adam's moments are sharded like p
-                from torch.distributed.tensor import DTensor
-
                 t = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             state[key] = t
         opt.state[p] = state
@@ -861,8 +847,6 @@ def save_checkpoint(d: Distiller, out: str | os.PathLike) -> Path:
     - train_state_rank{r}.safetensors: optimiser moments, EMA shards and RNG states of each rank.
     - state.json (written last, so a folder without it is incomplete): counters, config, world size.
     """
-    from safetensors.torch import save_file
-
     folder = Path(out) / f"ckpt-{d.iteration:07d}"
     rank0 = d.rank == 0
     files = [(f"{STUDENT_DIR}/model.safetensors", lambda keep: full_state_dict(d.student, keep)),
@@ -895,8 +879,6 @@ def save_checkpoint(d: Distiller, out: str | os.PathLike) -> Path:
 
 def barrier(mesh):
     if mesh is not None:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -950,8 +932,6 @@ def load_network(source, cfg: DiTConfig, block_dtype, device, mesh, checkpointin
         else:
             net = load_weights.load_dit(source, cfg, block_dtype, device)
         return prepare_dit(net, None, checkpointing)
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     with torch.device("meta"):
         net = DiT(cfg, block_dtype=block_dtype)
@@ -971,18 +951,15 @@ def load_network(source, cfg: DiTConfig, block_dtype, device, mesh, checkpointin
 
 def random_dit_state_dict(cfg: DiTConfig, seed: int) -> dict:
     """Random teacher weights for --tiny-random (norm deltas small, linears ~ 1/sqrt(fan-in))."""
-    return init_random_(DiT(cfg, block_dtype=torch.float32), seed, norm_std=0.1).state_dict()
+    return dit_lib.random_dit(cfg, block_dtype=torch.float32, seed=seed, norm_std=0.1).state_dict()
 
 
 def latent_shapes(seconds: float, width: int, height: int, fps: int = 25) -> tuple:
-    """Per-sample (video, audio) latent shapes for a clip, as the official sampler sizes them
-    (sampling spec §3): frames = 25·s + 1, T = (frames − 1)//4 + 1, h/w floored to even /16."""
-    frames = int(seconds * fps) + 1  # one audio latent per video frame, 25 per second
-    T = (frames - 1) // 4 + 1  # the VAE compresses time 4x, keeping the first frame
-    h, w = (height // 16) // 2 * 2, (width // 16) // 2 * 2  # 16x spatial, even for the 2x2 patches
-    if h < 2 or w < 2:
-        raise ValueError(f"{width}x{height} is too small: the latent must be at least 2x2 (32x32 pixels)")
-    return (48, T, h, w), (frames, 64)
+    """Per-sample (video, audio) latent shapes for a clip, sized by the sampler's own rules:
+    frames = 25·s + 1 (one audio latent per frame), `sample.latent_length`, `sample.latent_size`."""
+    frames = int(seconds * fps) + 1  # seconds may be fractional here (sample.num_frames_for: whole)
+    h, w = sample.latent_size(width, height)
+    return (sample.Z_DIM, sample.latent_length(frames), h, w), (frames, sample.AUDIO_DIM)
 
 
 # ==================================================================================================
@@ -1008,8 +985,6 @@ def write_text_features(path, prompts: list, features: list, negative: torch.Ten
     """The cache format: `prompt_{i:06d}` [n_i, C] per prompt, `negative` [n, C]; the prompt texts in
     the metadata so a cache can be checked against the prompt file. Stored as float16, which is
     exactly what the official pipeline feeds the DiT (bf16 encoder -> fp16 -> fp32)."""
-    from safetensors.torch import save_file
-
     # Zero-padded names sort in prompt order; one [n_i, C] tensor each (no padding stored).
     tensors = {f"prompt_{i:06d}": f.to(torch.float16).contiguous() for i, f in enumerate(features)}
     tensors["negative"] = negative.to(torch.float16).contiguous()
@@ -1017,8 +992,6 @@ def write_text_features(path, prompts: list, features: list, negative: torch.Ten
 
 
 def read_text_features(path, prompts: list, text_channels: int) -> PromptBank:
-    from safetensors import safe_open
-
     path = Path(path)
     tensors = load_weights.read_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
@@ -1041,8 +1014,6 @@ def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: in
     """Encode every prompt and the negative prompt once with T5-Gemma (as sample.py does: whole
     prompt, bf16 -> fp16 -> fp32, at most 640 rows) and cache them at `path`. Rank 0 encodes, the
     others wait for the file; the 9B encoder is freed before training starts."""
-    import text_encoder as te
-
     if rank == 0:
         text_encoder_dir = Path(text_encoder_dir)
         device = torch.device(device)
@@ -1059,8 +1030,6 @@ def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: in
         path.parent.mkdir(parents=True, exist_ok=True)
         # Other ranks (and later runs) only ever see a complete file.
         load_weights.atomic_write(path, lambda tmp: write_text_features(tmp, prompts, feats, negative))
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -1117,8 +1086,6 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
          device=None, **overrides):
     """Train with DMD-2 and write checkpoints to `out` (see `save_checkpoint`); `overrides` are
     DistillConfig fields."""
-    from tqdm import tqdm
-
     if not (math.isfinite(seconds) and seconds > 0):
         raise load_weights.InputError(f"--seconds must be a positive number, got {seconds}")
     latent_shapes(seconds, width, height)  # refuses sizes under 32 px

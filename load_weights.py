@@ -22,14 +22,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
+import zstandard
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors, load_file, save_file
 from torch import nn
 
 from model import DiT
+from text_encoder import GemmaTokenizer, T5GemmaEncoder, T5GemmaEncoderConfig
+from vae import OobleckConfig, OobleckVAE, TurboVAED, TurboVAEDConfig, WanVAE, WanVAEConfig
 
 # ==================================================================================================
 # Shared pieces: errors, file readers, the strict loader
@@ -48,8 +55,6 @@ def _short_list(keys, n: int = 6) -> str:
 
 def read_safetensors(path: str | os.PathLike, keys=None) -> dict[str, torch.Tensor]:
     """Read a .safetensors file (or only `keys` of it) into CPU tensors."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -67,10 +72,8 @@ def read_safetensors(path: str | os.PathLike, keys=None) -> dict[str, torch.Tens
 
 
 def read_safetensors_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
     try:
-        return load(data)
+        return load_safetensors(data)
     except Exception as e:
         raise CheckpointError(f"{source}: not a readable safetensors payload ({e})") from None
 
@@ -329,8 +332,6 @@ DIT_SINGLE = "model.safetensors"
 
 
 def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
@@ -342,8 +343,6 @@ def _safetensors_keys(path: Path) -> list[str]:
 
 def _read_zst(path: Path, keys) -> dict[str, torch.Tensor]:
     """A zstd-compressed safetensors shard, decompressed in memory (upstream pipes `zstd -d -c`)."""
-    import zstandard
-
     try:
         with open(path, "rb") as f:
             data = zstandard.ZstdDecompressor().stream_reader(f).read()
@@ -370,9 +369,9 @@ def read_weight_map(index: Path) -> dict[str, str]:
 def dit_checkpoint_files(folder: str | os.PathLike) -> tuple[dict[str, list[str]], str]:
     """Which keys live in which file: {file path: [keys]} and a name for messages.
 
-    The official loader's rule (spec dit §12): with `model.safetensors.index.json`, read its
-    `weight_map` and, per shard, prefer `<shard>.zst` when it exists; without it, read
-    `model.safetensors`.
+    The official loader's rule (`inference/infra/checkpoint/load_model_checkpoint.py`): with
+    `model.safetensors.index.json`, read its `weight_map` and, per shard, prefer `<shard>.zst` when
+    it exists; without it, read `model.safetensors`.
     """
     folder = Path(folder)
     if folder.is_file() and folder.suffix == ".safetensors":
@@ -438,7 +437,7 @@ def dit_from_state_dict(sd: dict[str, torch.Tensor], cfg, source: str, block_dty
 def load_dit(folder: str | os.PathLike, cfg, block_dtype=torch.bfloat16, device="cpu"):
     """The DiT from a checkpoint folder in any official layout (single file, shards + index, `.zst`).
 
-    Released dtypes (spec §12): base is bf16 on disk, distill and SR fp32; either way the block
+    Released dtypes: base is bf16 on disk, distill and SR fp32; either way the block
     linears become `block_dtype` and everything else float32, as the official module dtypes do.
     """
     model = _dit_on_meta(cfg, block_dtype)
@@ -454,7 +453,7 @@ def load_dit(folder: str | os.PathLike, cfg, block_dtype=torch.bfloat16, device=
 # shards + `model.safetensors.index.json`. Only the `model.encoder.*` tensors are read (about 18.5 GB
 # of the 37.9 GB): the decoder half is skipped by name and its shards are never opened unless they
 # also hold encoder tensors. The tokenizer is `tokenizer.json` plus the BOS/EOS flags of
-# `tokenizer_config.json` (spec audio_text §4).
+# `tokenizer_config.json`.
 
 TEXT_ENCODER_PREFIXES = ("model.encoder.", "encoder.")  # the release uses the first; accept both
 TEXT_SKIPPED_PREFIXES = ("model.decoder.", "decoder.", "lm_head.")  # the other half of the checkpoint
@@ -479,8 +478,6 @@ def _text_encoder_names(names, source: str) -> dict[str, str]:
 
 
 def _meta_text_encoder(config, dtype):
-    from text_encoder import T5GemmaEncoder
-
     # Meta device: 9.2B parameters get no storage and no random init before the real tensors arrive.
     with torch.device("meta"):
         return T5GemmaEncoder(config).to(dtype)
@@ -492,8 +489,6 @@ def text_encoder_from_state_dict(sd: dict, config, dtype=torch.float32, device="
     `config` is a T5GemmaEncoderConfig or a config.json dict. Decoder keys are ignored, anything
     else must match the module exactly.
     """
-    from text_encoder import T5GemmaEncoderConfig
-
     if isinstance(config, dict):
         config = T5GemmaEncoderConfig.from_dict(config)
     names = _text_encoder_names(sd.keys(), source)
@@ -522,8 +517,6 @@ def _read_json(path: str | os.PathLike) -> dict:
 
 def load_text_encoder_config(weights_dir):
     """The encoder sub-config of `<weights_dir>/config.json` as a T5GemmaEncoderConfig."""
-    from text_encoder import T5GemmaEncoderConfig
-
     path = Path(weights_dir) / "config.json"
     raw = _read_json(path)
     try:
@@ -565,8 +558,6 @@ def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu"):
 
 def load_text_tokenizer(weights_dir):
     """`<weights_dir>/tokenizer.json` with the BOS/EOS flags of tokenizer_config.json (defaults: BOS, no EOS)."""
-    from text_encoder import GemmaTokenizer
-
     weights_dir = Path(weights_dir)
     flags_path = weights_dir / "tokenizer_config.json"
     flags = _read_json(flags_path) if flags_path.is_file() else {}
@@ -602,10 +593,6 @@ def cached_text_features(weights_dir, text: str, compute, variant: str = "", cac
     "bfloat16/cuda/640". The encoder is only needed when `compute` runs, so a caller that loads it
     lazily inside `compute` skips the 18 GB load entirely on a cache hit (e.g. the negative prompt).
     """
-    import hashlib
-
-    from safetensors.torch import load_file, save_file
-
     # The text goes into the key verbatim (hashed), so a one-character edit is a different entry.
     key_src = json.dumps({"weights": text_weights_identity(weights_dir), "variant": variant, "text": text})
     key = hashlib.sha256(key_src.encode("utf-8")).hexdigest()
@@ -623,8 +610,6 @@ def cached_text_features(weights_dir, text: str, compute, variant: str = "", cac
         cache_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file({"features": features}, str(tmp), metadata={"n": str(n)}))
     except OSError as e:  # a read-only or full disk only costs the next run an encode
-        import warnings
-
         warnings.warn(f"text-feature cache not written to {cache_dir} ({_first_line(e)})", stacklevel=2)
     return features, n
 
@@ -657,8 +642,6 @@ def _tensor_dict(obj, source: str, what: str) -> dict[str, torch.Tensor]:
 
 def wan_vae_from_state_dict(sd: dict, config=None, source: str = "Wan2.2 VAE state dict"):
     """Wan2.2 VAE (encoder + decoder, 196 keys for the released config) from a plain state dict."""
-    from vae import WanVAE, WanVAEConfig
-
     config = config if isinstance(config, WanVAEConfig) else WanVAEConfig.from_dict(config or {})
     with torch.device("meta"):
         model = WanVAE(config)
@@ -688,8 +671,6 @@ def turbo_state_dict_from_ckpt(ckpt, source: str) -> dict[str, torch.Tensor]:
 
 def turbo_vaed_from_state_dict(sd: dict, config=None, source: str = "TurboVAED state dict"):
     """TurboVAED (80 `decoder.*` keys for the released config) from a stripped state dict + config dict."""
-    from vae import TurboVAED, TurboVAEDConfig
-
     try:
         config = config if isinstance(config, TurboVAEDConfig) else TurboVAEDConfig.from_dict(config or {})
     except (ValueError, TypeError) as e:
@@ -711,8 +692,6 @@ def load_turbo_vaed(config_path, ckpt_path, dtype=torch.float32, device="cpu"):
 def oobleck_config_from_json(cfg: dict, source: str = "model_config.json"):
     """SAO `model_config.json` -> OobleckConfig. Accepts the released text-to-audio layout
     (`model.pretransform.config`) and a stand-alone autoencoder config (`model_type` "autoencoder")."""
-    from vae import OobleckConfig
-
     try:
         if cfg.get("model_type") == "autoencoder":
             ae = cfg["model"]
@@ -734,8 +713,6 @@ def oobleck_from_state_dict(sd: dict, config, parts=("encoder", "decoder"), sour
     Only the requested `parts` are built and loaded; keys of the other part are ignored, anything else
     must match exactly. `config` is an OobleckConfig or a model_config.json dict.
     """
-    from vae import OobleckConfig, OobleckVAE
-
     config = config if isinstance(config, OobleckConfig) else oobleck_config_from_json(config, source)
     sd = _tensor_dict(sd, source, "an audio VAE state dict")
     other = tuple(f"{p}." for p in ("encoder", "decoder") if p not in parts)
@@ -748,8 +725,6 @@ def oobleck_from_state_dict(sd: dict, config, parts=("encoder", "decoder"), sour
 def load_audio_vae(folder, device="cpu", parts=("encoder", "decoder")):
     """`stable-audio-open-1.0/` (its `model.safetensors` + `model_config.json`): only the VAE's tensors
     are read. Always fp32, as upstream (it never casts the audio VAE)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     config_path, path = folder / "model_config.json", folder / "model.safetensors"
     config = oobleck_config_from_json(_read_json(config_path), str(config_path))
@@ -840,7 +815,7 @@ def encoder_shards(index_path) -> list[str]:
 
 def download(weights_dir, models=DIT_MODELS) -> None:
     """Fetch exactly the needed files with huggingface_hub (optional dependency)."""
-    try:
+    try:  # lazy on purpose: huggingface_hub is an optional dependency, needed only here
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     except ImportError:

@@ -2,7 +2,7 @@
 
 Mirrors the official `inference/model/dit/dit_module.py` (the modules) and the packing half of
 `inference/pipeline/data_proxy.py` (tokens, coordinates, local-attention ranges, unpacking) of
-GAIR-NLP/daVinci-MagiHuman. Facts: spec/dit.md (section numbers below refer to it).
+GAIR-NLP/daVinci-MagiHuman.
 
 The whole model in a few lines:
 - Video latents [48, T, h, w] become tokens of 2x2 patches (192 features), audio latents [N, 64] are
@@ -19,18 +19,22 @@ The whole model in a few lines:
 Dimension letters: B batch, L packed sequence length, D hidden size, H query heads, G kv heads
 (query groups), d head dim, T latent frames, h/w latent height/width, C channels.
 
-Numerics (spec §6.9): the residual stream, norms, RoPE, activations and gates are float32; block
-linears hold bf16 weights and run bf16 GEMMs; attention runs on bf16 q/k/v. With
+Numerics (those of the official module's dtypes and casts): the residual stream, norms, RoPE,
+activations and gates are float32; block linears hold bf16 weights and run bf16 GEMMs; attention
+runs on bf16 q/k/v. With
 `block_dtype=torch.float32` every one of those bf16 casts becomes float32 (the "out32" reference).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 PATCH = 2  # spatial patch size; the temporal patch size is 1 (DataProxyConfig)
 
@@ -41,7 +45,7 @@ PATCH = 2  # spatial patch size; the temporal patch size is 1 (DataProxyConfig)
 
 @dataclass
 class DiTConfig:
-    """The official `ModelConfig` fields (defaults = the released 15B model, spec §1), plus the two
+    """The official `ModelConfig` fields (defaults = the released 15B model's config), plus the two
     data-proxy settings that change what the network computes (`coords_style`,
     `frame_receptive_field`)."""
 
@@ -89,7 +93,7 @@ class DiTConfig:
             raise ValueError("local_attn_layers need frame_receptive_field >= 0")
 
 
-# 1080p SR (env SR2_1080 upstream): every layer is local except every 4th of the first 32 (spec §8).
+# 1080p SR (env SR2_1080 upstream): every layer is local except every 4th of the first 32.
 SR_1080P_LOCAL_LAYERS = [i for i in range(40) if not (i % 4 == 3 and i < 32)]
 
 # The released models: one network; SR differs only in coords style and (1080p) local attention.
@@ -165,7 +169,7 @@ class ExpertLinear(nn.Module):
 
 
 def swiglu7(u: torch.Tensor) -> torch.Tensor:
-    """Clamped SwiGLU with the GPT-OSS +1 on the linear branch; float32 math (spec §6.6)."""
+    """Clamped SwiGLU with the GPT-OSS +1 on the linear branch; float32 math, as upstream."""
     u = u.float()
     # Interleaved split: even columns are the gate, odd columns the linear branch (not halves).
     gate, lin = u[..., 0::2], u[..., 1::2]
@@ -181,12 +185,12 @@ def gelu7(u: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu7_intermediate(hidden_size: int) -> int:
-    # int(H·4·2/3) rounded down to a multiple of 4: 13652 for H = 5120 (spec §1).
+    # int(H·4·2/3) rounded down to a multiple of 4: 13652 for H = 5120 (the released MLP width).
     return int(hidden_size * 4 * 2 / 3) // 4 * 4
 
 
 # ==================================================================================================
-# Rotary position embedding (element-wise Fourier RoPE, spec §5)
+# Rotary position embedding (element-wise Fourier RoPE)
 # ==================================================================================================
 
 
@@ -200,21 +204,27 @@ class ElementWiseFourierEmbed(nn.Module):
         super().__init__()
         nb = head_dim // 8
         # ω_k = 1/10000^(k/nb). A persistent buffer: the checkpoint's values win over this formula
-        # (they may be bf16-rounded in the release, spec §12), so always load it from the file.
+        # (they may be bf16-rounded in the release), so always load it from the file.
         self.register_buffer("bands", 1.0 / 10000.0 ** (torch.arange(nb, dtype=torch.float32) / nb))
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        pos, size, ref = coords[..., 0:3], coords[..., 3:6], coords[..., 6:9]  # [..., L, 3] each
-        scale = (ref - 1) / (size - 1)
-        # 0/0 where a block is a single position on an axis with a reference of 1: scale 1 there.
-        scale = torch.where((ref == 1) & (size == 1), torch.ones_like(scale), scale)
-        if not torch.isfinite(scale).all():
-            raise ValueError("RoPE scale is not finite (v1 coordinates need at least 2 text tokens)")
-        center = (size - 1) / 2
-        center[..., 0] = 0  # time is never centered; rows and columns are
-        # ((p - c)·s)·ω in exactly this order (float32 rounding matters for the tight goldens).
-        angle = ((pos - center) * scale).unsqueeze(-1) * self.bands  # [..., L, 3, nb]
+        # (p - c)·s, then ·ω in exactly this order (float32 rounding matters for the tight goldens).
+        angle = rope_positions(coords).unsqueeze(-1) * self.bands  # [..., L, 3, nb]
         return torch.cat([angle.sin(), angle.cos()], dim=-2).flatten(-2)  # [..., L, 6·nb]
+
+
+def rope_positions(coords: torch.Tensor) -> torch.Tensor:
+    """coords [..., L, 9] -> the effective (t, h, w) positions [..., L, 3] that RoPE rotates by:
+    (position - centre) · (reference - 1) / (size - 1), rows and columns centred, time not."""
+    pos, size, ref = coords[..., 0:3], coords[..., 3:6], coords[..., 6:9]  # [..., L, 3] each
+    scale = (ref - 1) / (size - 1)
+    # 0/0 where a block is a single position on an axis with a reference of 1: scale 1 there.
+    scale = torch.where((ref == 1) & (size == 1), torch.ones_like(scale), scale)
+    if not torch.isfinite(scale).all():
+        raise ValueError("RoPE scale is not finite (v1 coordinates need at least 2 text tokens)")
+    center = (size - 1) / 2
+    center[..., 0] = 0  # time is never centered; rows and columns are
+    return (pos - center) * scale
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -249,8 +259,6 @@ class SeqLayout:
     num_text: int  # the longest text in the batch
     tokens_per_frame: int
     kv_len: list[int] | None = None
-    # Sequence parallelism: this rank holds rows [start, end) of the (padded) sequence.
-    shard: tuple[int, int] | None = None
 
     @property
     def length(self) -> int:
@@ -258,13 +266,8 @@ class SeqLayout:
 
     @property
     def sizes(self) -> list[int]:
-        """Rows of each modality (video, audio, text) in the rows this rank holds, in order: how the
-        expert ops split dim 1. Sequence-parallel padding rows at the end count as text."""
-        if self.shard is None:
-            return [self.num_video, self.num_audio, self.num_text]
-        start, end = self.shard
-        cuts = [0, self.num_video, self.num_video + self.num_audio, max(end, self.length)]
-        return [max(0, min(end, hi) - max(start, lo)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+        """Rows of each modality (video, audio, text), in order: how the expert ops split dim 1."""
+        return [self.num_video, self.num_audio, self.num_text]
 
     def frame_ids(self, device=None) -> torch.Tensor:
         """Latent frame of every token; -1 for audio/text (they see and are seen by everything)."""
@@ -275,8 +278,9 @@ class SeqLayout:
 def dense_attn_mask(layout: SeqLayout, receptive_field: int | None, device=None) -> torch.Tensor | None:
     """Boolean SDPA mask [B or 1, 1, L, L] (True = attend), or None when every pair attends.
 
-    Local (spec §8): video frame i sees video frames within ±receptive_field plus all audio and text;
-    audio and text see everything. Same as the official q/k range pairs, as a dense predicate.
+    Local (`calc_local_qk_range` in data_proxy.py): video frame i sees video frames within
+    ±receptive_field plus all audio and text; audio and text see everything. Same as the official
+    q/k range pairs, as a dense predicate.
     """
     mask = None
     if receptive_field is not None:
@@ -293,8 +297,6 @@ def dense_attn_mask(layout: SeqLayout, receptive_field: int | None, device=None)
 def flex_block_mask(layout: SeqLayout, receptive_field: int | None, batch: int, device):
     """The same predicate as `dense_attn_mask`, as a FlexAttention BlockMask (block-sparse: the
     kernel skips the 128x128 tiles a 1080p local layer never looks at)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     frame = layout.frame_ids(device)
     kv_len = torch.tensor(layout.kv_len or [layout.length] * batch, device=device)
     R = -1 if receptive_field is None else receptive_field
@@ -321,7 +323,9 @@ def attention_masks(layout: SeqLayout, receptive_field: int | None, batch: int, 
     return full, None if receptive_field is None else build(receptive_field)
 
 
-_flex_kernel = None
+# The FlexAttention kernel per device type, chosen at the first call on that type: compiled on GPU
+# (eager flex would materialise the whole score matrix), eager on CPU (where compiling buys nothing).
+_FLEX_KERNELS: dict = {}
 
 
 def attention(q, k, v, mask=None):
@@ -334,12 +338,11 @@ def attention(q, k, v, mask=None):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    global _flex_kernel
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if _flex_kernel is None:  # compiled once on GPU; eager flex would materialise the score matrix
-        _flex_kernel = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
-    return _flex_kernel(q, k, v, block_mask=mask, enable_gqa=True)
+    kernel = _FLEX_KERNELS.get(q.device.type)
+    if kernel is None:
+        kernel = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+        _FLEX_KERNELS[q.device.type] = kernel
+    return kernel(q, k, v, block_mask=mask, enable_gqa=True)
 
 
 # ==================================================================================================
@@ -435,7 +438,7 @@ class TransformerBlock(nn.Module):
 
 
 # ==================================================================================================
-# Token packing: natural shapes <-> one sequence with 9-column coordinates (spec §3, §4, §9)
+# Token packing: natural shapes <-> one sequence with 9-column coordinates (data_proxy.py)
 # ==================================================================================================
 
 
@@ -472,7 +475,7 @@ def _block_coords(shape, ref, t_offset: float = 0.0) -> torch.Tensor:
 
 
 def sequence_coords(T: int, hp: int, wp: int, num_audio: int, num_text: int, style: str) -> torch.Tensor:
-    """The [L, 9] coordinates of one sample's [video | audio | text] sequence (spec §4).
+    """The [L, 9] coordinates of one sample's [video | audio | text] sequence (`get_coords` in data_proxy.py).
 
     hp, wp are the token grid (h/2, w/2). Video uses its own grid as reference ("extra"
     interpolation, hard-coded upstream); audio is one column of `num_audio` times referenced to T
@@ -587,25 +590,25 @@ class DiT(nn.Module):
         are real (text_len: [B] ints or int tensor) -> (v_video [B, 48, T, h, w], v_audio [B, Na, 64]).
 
         Each sample attends only within itself (upstream packs a batch into one sequence and lets
-        samples see each other, spec §15; the pipeline only ever uses B = 1).
+        samples see each other; the pipeline only ever uses B = 1).
         """
         self._check_inputs(video, audio, text)
         text_len = [int(n) for n in (text_len.tolist() if torch.is_tensor(text_len) else text_len)]
         if len(text_len) != video.shape[0] or min(text_len) < 1 or max(text_len) > text.shape[1]:
             raise ValueError(f"text_len {text_len} does not fit text of shape {tuple(text.shape)}")
         B, _, T, h, w = video.shape
-        layout = self.layout(video.shape, audio.shape[1], text_len)
-        rope, masks = self.shape_tables(video.shape, layout, text_len, video.device)  # rope [B, L, 6·nb]
-        x = self.embed(video.float(), audio.float(), text.float(), text_len, layout)  # [B, L, D] fp32
-        attn_fn = attention
-        if self.sp is not None:  # keep only this rank's rows; attention all-to-alls to head shards
-            x, rope, layout = self.sp.shard(x, rope, layout)
-            attn_fn = self.sp.attention
+        layout = self.layout(video.shape, audio.shape[1], text_len)                     # L = Nv + Na + Nt rows
+        rope, masks = self.shape_tables(video.shape, layout, text_len, video.device)    # rope [B, L, 6·nb]
+        x = self.embed(video.float(), audio.float(), text.float(), text_len, layout)    # [B, L, D] fp32
+        sizes, attn_fn = layout.sizes, attention                                        # [Nv, Na, Nt] rows per expert
+        if self.sp is not None:                                                         # sequence parallel: P ranks
+            x, rope, sizes = self.sp.shard(x, rope, layout)                             # [B, L/P, D], [B, L/P, 6·nb]
+            attn_fn = self.sp.attention                                                 # all-to-all around attention
         for layer in self.block.layers:
-            x = layer(x, rope, layout.sizes, masks, attn_fn)
+            x = layer(x, rope, sizes, masks, attn_fn)                                   # [B, L (or L/P), D] fp32
         if self.sp is not None:
-            x = self.sp.gather(x, layout)  # every rank gets the whole sequence back for the heads
-        return self.head(x, layout, T, h, w)
+            x = self.sp.gather(x, layout)                                               # [B, L, D] on every rank
+        return self.head(x, layout, T, h, w)                                            # [B, 48, T, h, w], [B, Na, 64]
 
     def head(self, x: torch.Tensor, layout: SeqLayout, T: int, h: int, w: int):
         """Final per-modality norm + linear, then unpack to natural shapes (text rows dropped)."""
@@ -630,7 +633,7 @@ class DiT(nn.Module):
 
 
 class SequenceParallel:
-    """Split the packed sequence across the ranks of a process group (spec dit §7).
+    """Split the packed sequence across the ranks of a process group (Ulysses-style).
 
     Every rank holds L/P rows of the residual stream (the sequence padded to a multiple of P). All
     token-wise work (norms, projections, MLPs, experts) runs on those rows. Attention needs every
@@ -647,8 +650,6 @@ class SequenceParallel:
     """
 
     def __init__(self, group=None, pad_heads: bool = True):
-        import torch.distributed as dist
-
         self.dist, self.group = dist, group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -677,14 +678,21 @@ class SequenceParallel:
     # ---- sequence sharding ------------------------------------------------------------------
 
     def shard(self, x, rope, layout: SeqLayout):
-        """Pad [B, L, ...] to a multiple of P rows and keep this rank's block of rows."""
+        """Pad [B, L, ...] to a multiple of P rows and keep this rank's block of rows.
+
+        Returns (x, rope, sizes): `sizes` splits this rank's rows by modality for the expert ops.
+        The padding rows (zeros at the end of the last rank, cut off before attention and after
+        the gather) need some expert to pass through; they go with the text expert, the last one.
+        """
         L, P = layout.length, self.world
         per = -(-L // P)
         start, end = self.rank * per, (self.rank + 1) * per
         x = F.pad(x, (0, 0, 0, per * P - L))[:, start:end]
         rope = F.pad(rope, (0, 0, 0, per * P - L))[:, start:end]
         self.length = L  # the true length, for cutting the padding off inside attention
-        return x, rope, replace(layout, shard=(start, end))
+        cuts = [0, layout.num_video, layout.num_video + layout.num_audio, max(end, L)]
+        sizes = [max(0, min(end, hi) - max(start, lo)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+        return x, rope, sizes
 
     def gather(self, x, layout: SeqLayout):
         parts = [torch.empty_like(x) for _ in range(self.world)]
@@ -727,6 +735,37 @@ class SequenceParallel:
         out = attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], mask)
         out = F.pad(out, (0, 0, 0, q.shape[2] - L))
         return self._to_rows(out)[:, :H]
+
+
+def init_distributed(device, world_size: int | None = None, **init_kwargs) -> tuple[int, int, torch.device]:
+    """Join the process group of a multi-process run; returns (rank, world size, this rank's device).
+
+    Under torchrun (WORLD_SIZE > 1, or `world_size` given with `rank` and `init_method` in
+    `init_kwargs`): NCCL on GPUs with one GPU per process picked by LOCAL_RANK, gloo on CPUs.
+    A plain run returns (0, 1, device) and starts nothing. Safe to call again in the same process.
+    """
+    device = torch.device(device)
+    world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world_size is not None:  # an explicit group (the tests' file rendezvous), not torchrun's env
+        init_kwargs["world_size"] = world_size
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **init_kwargs)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def end_distributed(barrier: bool = True) -> None:
+    """Leave the process group, if any. With `barrier`, first wait for every rank: a gloo rank whose
+    peer tears down while it still talks to it aborts. (On an error path pass barrier=False: a peer
+    that failed may never arrive.)"""
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 # ==================================================================================================
@@ -823,6 +862,18 @@ def init_random_(dit: "DiT", seed: int = 0, norm_std: float = 0.0) -> "DiT":
         nb = dit.adapter.rope.bands.numel()
         dit.adapter.rope.bands.copy_(1.0 / 10000.0 ** (torch.arange(nb, dtype=torch.float32) / nb))
     return dit
+
+
+def random_dit(cfg: DiTConfig, block_dtype: torch.dtype = torch.float32, seed: int = 0, norm_std: float = 0.0,
+               device="cpu") -> "DiT":
+    """A DiT with random weights (`init_random_`) in eval mode, built directly on `device`.
+
+    The one helper for `--tiny-random`, the benchmarks, distillation's random teacher and the tests.
+    Built on the meta device first, so a 15B model never holds a throw-away initialisation.
+    """
+    with torch.device("meta"):
+        dit = DiT(cfg, block_dtype=block_dtype)
+    return init_random_(dit.to_empty(device=device), seed, norm_std).eval()
 
 
 def count_params(module: nn.Module) -> int:

@@ -7,15 +7,16 @@ Mirrors the official repository (GAIR-NLP/daVinci-MagiHuman):
   bh2, order 2, predictor + corrector) and `step_ddim`, as `flow_schedule`, `FlowUniPC`, `step_ddim`;
 - `inference/pipeline/video_generate.py`: `MagiEvaluator.evaluate_with_latent` and
   `schedule_latent_step` (the loop, CFG, the dispatch between the updates) as `denoise`, the base
-  half of `evaluate` as `base_pass`, and the ZeroSNR table (the negative prompt is in text_encoder.py);
+  half of `evaluate` as `base_pass` and the loop of its SR half as `sr_pass` (the SR inputs and
+  the ZeroSNR table are in sr.py, the negative prompt in text_encoder.py);
 - `inference/pipeline/pipeline.py`: the seeding (`Noise`), and `inference/common/config.py`:
   `EvaluationConfig` (`SampleConfig`).
 - `inference/pipeline/{pipeline,entry,video_process}.py`: the order of the stages (`generate`), the
   input and output files (`read_image`, `read_audio`, `write_mp4`) and the command line (`main`).
-The SR stage is in sr.py. Facts: ../shared/spec/sampling.md (§ numbers below refer to it).
+The SR stage's own maths is in sr.py; `sr_pass` here runs it through the same loop.
 
 Reading order: settings and sizes, `Noise`, schedules, the two updates, `denoise` (the loop),
-`base_pass`, then the pipeline: inputs, outputs, `Models` (which networks live where), `generate`,
+`base_pass` and `sr_pass`, then the pipeline: inputs, outputs, `Models` (which networks live where), `generate`,
 and the command line.
 
 The DiT is any callable `dit(video, audio, text, text_len) -> (v_video, v_audio)` (model.py's DiT,
@@ -29,7 +30,10 @@ Every latent stays float32 (the DiT does its own bf16 casts inside).
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -37,6 +41,10 @@ import torch
 from tqdm import tqdm
 
 import load_weights as lw
+import model as dit_lib
+import sr as sr_stage
+import text_encoder as te
+import vae
 from load_weights import InputError, atomic_write_all
 
 # ==================================================================================================
@@ -48,7 +56,11 @@ from load_weights import InputError, atomic_write_all
 class SampleConfig:
     """Sampling settings; field names and defaults are the official `EvaluationConfig`'s. Two of its
     fields live where they are used: `t5_gemma_target_length` is text_encoder.TEXT_MAX_LEN (640) and
-    `use_turbo_vae` is `Request.vae` ("turbo", the official default, or "wan")."""
+    `use_turbo_vae` is `Request.vae` ("turbo", the official default, or "wan").
+
+    The official `use_sr_model` switch is not here: `Request.sr` ("none", "540p", "1080p") is the
+    one SR switch, and the sr_* fields below apply when it is on.
+    """
 
     fps: int = 25
     num_inference_steps: int = 32  # base pass
@@ -57,7 +69,6 @@ class SampleConfig:
     shift: float = 5.0  # timestep shift, base and SR
     cfg_number: int = 2  # 1: cond pass only (-> step_ddim, the distilled model); 2: cond + uncond
     sr_cfg_number: int = 2  # the same for the SR pass (never step_ddim there)
-    use_sr_model: bool = False
     sr_num_inference_steps: int = 5
     noise_value: int = 220  # ZeroSNR index of the renoise before SR; 0 disables it
     sr_video_txt_guidance_scale: float = 3.5  # SR video CFG (only with sr_cfg_number = 2)
@@ -75,8 +86,8 @@ class SampleConfig:
 PRESETS = {
     "base": SampleConfig(),
     "distill": SampleConfig(cfg_number=1, num_inference_steps=8),
-    "540p_sr": SampleConfig(use_sr_model=True, sr_cfg_number=1),
-    "1080p_sr": SampleConfig(use_sr_model=True, sr_cfg_number=1),
+    "540p_sr": SampleConfig(sr_cfg_number=1),
+    "1080p_sr": SampleConfig(sr_cfg_number=1),
 }
 
 
@@ -87,7 +98,7 @@ def preset(name: str, **overrides) -> SampleConfig:
 
 
 # ==================================================================================================
-# Sizes (spec §3)
+# Sizes
 # ==================================================================================================
 
 VAE_STRIDE = (4, 16, 16)  # time, height, width: pixels per latent
@@ -120,7 +131,7 @@ def latent_length(num_frames: int) -> int:
 
 
 # ==================================================================================================
-# Noise: every random draw of a run goes through one Noise object (spec §2)
+# Noise: every random draw of a run goes through one Noise object
 # ==================================================================================================
 
 
@@ -164,47 +175,50 @@ class Noise:
 
 
 # ==================================================================================================
-# Schedules: the shifted flow-matching timesteps and the ZeroSNR table (spec §7.2, §8.3)
+# Schedules: the shifted flow-matching timesteps (the ZeroSNR table of SR is in sr.py)
 # ==================================================================================================
 
 
-def flow_schedule(steps: int, shift: float, num_train_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def shift_sigma(sigma, shift: float):
+    """The timestep shift sigma' = shift * sigma / (1 + (shift - 1) * sigma) (numpy or torch)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def train_sigmas(num_train_timesteps: int = 1000) -> np.ndarray:
+    """The scheduler's training grid sigma = 1 - alpha, alpha = linspace(1, 1/n, n) reversed, stored as
+    float32 upstream: from float32(0.999) = 0.99900001287... (not 1) down to exactly 0."""
+    alphas = np.linspace(1, 1 / num_train_timesteps, num_train_timesteps)[::-1].copy()
+    return (1.0 - alphas).astype(np.float32)
+
+
+SIGMA_MAX = float(train_sigmas()[0])  # where every schedule starts: float32(0.999), not 1
+
+
+def flow_schedule(steps: int, shift: float, num_train_timesteps: int = 1000,
+                  sigma_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps [steps] int64, sigmas [steps + 1] float32 ending in 0) of `set_timesteps(steps, shift)`.
 
     NumPy float64 as upstream, so the truncated integer timesteps come out bit-identical.
+    `sigma_max` None: the training grid's (SIGMA_MAX); another value only for toy problems.
     """
     if int(steps) < 1:
         raise ValueError(f"the number of sampling steps must be >= 1, got {steps}")
-    # Training grid sigma = 1 - alpha, alpha = linspace(1, 1/n, n) reversed; stored as float32 upstream,
-    # so sigma_max = float32(0.999) = 0.99900001287..., sigma_min = 0.
-    alphas = np.linspace(1, 1 / num_train_timesteps, num_train_timesteps)[::-1].copy()
-    train_sigmas = (1.0 - alphas).astype(np.float32)
-    sigma_max, sigma_min = float(train_sigmas[0]), float(train_sigmas[-1])
+    grid = train_sigmas(num_train_timesteps)
+    sigma_min = float(grid[-1])
+    if sigma_max is None:
+        sigma_max = float(grid[0])
     sigmas = np.linspace(sigma_max, sigma_min, steps + 1).copy()[:-1]  # float64, last (0) dropped
-    # The shift is applied here only: the official constructor runs with shift 1 (pitfall 1).
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    # The shift is applied here only: the official scheduler is constructed with shift 1 and gets
+    # the real shift from set_timesteps, so it is applied once, not twice.
+    sigmas = shift_sigma(sigmas, shift)
     # Truncated toward zero, not rounded: the t > 500 guidance switch compares these integers.
     timesteps = torch.from_numpy(sigmas * num_train_timesteps).to(torch.int64)
     sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
     return timesteps, sigmas
 
 
-def zero_snr_table(n: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012) -> torch.Tensor:
-    """Signal coefficient S[k] for k = 0 (clean) .. n-1 (pure noise) of `ZeroSNRDDPMDiscretization`.
-
-    Upstream calls the result "sigmas", but it multiplies the signal: SR renoises with
-    x = S[220] * x + sqrt(1 - S[220]^2) * eps (S[220] ~ 0.8389).
-    """
-    betas = torch.linspace(linear_start**0.5, linear_end**0.5, n, dtype=torch.float64) ** 2
-    alphas_cumprod = np.cumprod(1.0 - betas.numpy(), axis=0)  # float64, like upstream
-    q = torch.tensor(alphas_cumprod, dtype=torch.float32).sqrt()  # float32 from here on
-    # Rescale so the last entry is exactly 0 (zero terminal SNR) and the first is kept.
-    # Upstream flips the table twice (get_sigmas and flip=True); the flips cancel.
-    return (q - q[-1]) * (q[0] / (q[0] - q[-1]))
-
-
 # ==================================================================================================
-# The updates: flow-matching UniPC (bh2, order 2) and the distilled model's step_ddim (spec §7.4-7.5)
+# The updates: flow-matching UniPC (bh2, order 2) and the distilled model's step_ddim (scheduler_unipc.py)
 # ==================================================================================================
 
 
@@ -222,7 +236,7 @@ class FlowUniPC:
         self.i = 0  # index of the next step
         self.m: list[torch.Tensor] = []  # x0 predictions of the last two steps, oldest first
         self.last_sample = None  # the (corrected) sample the previous predictor started from
-        self.last_order = 1  # the previous predictor's order; the corrector reuses it (pitfall 4)
+        self.last_order = 1  # the previous predictor's order: the corrector reuses it, not the current one
 
     def _alpha_sigma_lambda(self, k: int):
         sigma = self.sigmas[k]
@@ -233,14 +247,14 @@ class FlowUniPC:
         i = self.i
         if i >= self.steps:
             raise RuntimeError(f"FlowUniPC: all {self.steps} steps already taken")
-        # x0 prediction from the *uncorrected* input sample (pitfall 4).
+        # x0 prediction from the *uncorrected* input sample, as upstream (not from the corrected one).
         m_i = x - self.sigmas[i] * v
         # Corrector (UniC), from step 1 on: redo the previous predictor step using m_i.
         if i > 0:
             x = self._correct(m_i)
         self.m = (self.m + [m_i])[-2:]
         # Order: 1 for the first step (warm-up), 2 after, 1 again at the last step (lower_order_final
-        # applies at every N upstream, there is no "< 15 steps" guard; pitfall 3).
+        # applies at every N upstream: there is no "< 15 steps" guard as in other UniPC ports).
         order = min(2, self.steps - i, i + 1)
         self.last_order = order
         self.last_sample = x
@@ -299,85 +313,101 @@ def step_ddim(sigmas: torch.Tensor, i: int, v: torch.Tensor, x: torch.Tensor, ep
 
 
 # ==================================================================================================
-# The denoising loop (evaluate_with_latent + schedule_latent_step, spec §8.1)
+# The denoising loop (evaluate_with_latent + schedule_latent_step in video_generate.py)
 # ==================================================================================================
+
+GUIDANCE_SWITCH_T = 500  # base video CFG: the configured scale while the int timestep t > 500 ...
+LATE_VIDEO_GUIDANCE = 2.0  # ... and this hard-coded scale after (upstream hard-codes both)
 
 
 def base_video_guidance(t: int, cfg: SampleConfig) -> float:
     """Base video CFG scale: the configured one while t > 500 (int timestep), then a hard-coded 2.0."""
-    return cfg.video_txt_guidance_scale if t > 500 else 2.0
+    return cfg.video_txt_guidance_scale if t > GUIDANCE_SWITCH_T else LATE_VIDEO_GUIDANCE
+
+
+@dataclass
+class Prompt:
+    """The text context of one loop: the prompt's features and, for CFG, the negative prompt's."""
+
+    text: torch.Tensor  # [1, L, C], the first text_len rows real
+    text_len: torch.Tensor  # [1]
+    null: torch.Tensor | None = None  # the negative prompt (cfg_number = 2 only)
+    null_len: torch.Tensor | None = None
+
+
+@dataclass
+class Plan:
+    """How one loop steps and guides: built from SampleConfig by `base_pass` and `sr_pass`."""
+
+    steps: int
+    shift: float
+    cfg_number: int  # 1: one cond pass per step; 2: cond + uncond (negative prompt) on the same latents
+    video_guidance: Callable[[int], float | torch.Tensor]  # int timestep -> scale (SR: [1, 1, T, 1, 1])
+    audio_guidance: float  # constant: the audio CFG has no t > 500 switch
+    ddim: bool  # step_ddim for video then audio (the distilled model); else UniPC
+    step_audio: bool  # UniPC steps the audio too; False keeps it (A2V, SR). step_ddim always steps it
+
+    def __post_init__(self):
+        if self.cfg_number not in (1, 2):
+            raise ValueError(f"cfg_number must be 1 (cond only) or 2 (cond + uncond), got {self.cfg_number}")
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def _record(trace: dict, **tensors) -> None:
+    for k, val in tensors.items():
+        trace.setdefault(k, []).append(val.detach().clone())
 
 
 @torch.no_grad()  # sampling never needs gradients; loaded parameters still have requires_grad set
-def denoise(
-    dit: Callable,
-    video: torch.Tensor,
-    audio: torch.Tensor,
-    text: torch.Tensor,
-    text_len: torch.Tensor,
-    text_null: torch.Tensor | None,
-    text_null_len: torch.Tensor | None,
-    *,
-    steps: int,
-    shift: float,
-    cfg_number: int,
-    video_guidance: Callable[[int], float | torch.Tensor],
-    audio_guidance: float,
-    ddim: bool,
-    step_audio: bool,
-    image_latent: torch.Tensor | None = None,
-    noise: Noise | None = None,
-    trace: dict | None = None,
-    progress: bool = True,
-    desc: str = "denoise",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `steps` denoising steps from (video, audio); returns the final (video, audio) latents.
+def denoise(dit: Callable, video: torch.Tensor, audio: torch.Tensor, prompt: Prompt, plan: Plan, *,
+            image_latent: torch.Tensor | None = None, noise: Noise | None = None, trace: dict | None = None,
+            progress: bool = True, desc: str = "denoise") -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `plan.steps` denoising steps from (video, audio); returns the final (video, audio) latents.
 
-    cfg_number 1: one cond pass per step; 2: cond + one uncond pass (negative prompt) on the same
-    latents, shared by video and audio. `video_guidance(t)` gives the video scale at int timestep t
-    (a float, or a [1, 1, T, 1, 1] tensor for SR). ddim: `step_ddim` for video then audio (always
-    both, as upstream), drawing from `noise`; else UniPC for video, and for audio if `step_audio`.
-    `image_latent` (TI2V) is pinned into frame 0 before every call and after the loop.
-    `trace`, if a dict, collects per step what the DiT was fed / returned and the guided velocity.
+    `image_latent` (TI2V) is pinned into frame 0 before every call and after the loop. step_ddim
+    draws from `noise`. `trace`, if a dict, collects per step what the DiT was fed (x_*) and
+    returned (vc_* cond, vu_* uncond) and the guided velocity (vg_*).
     """
-    if cfg_number not in (1, 2):
-        raise ValueError(f"cfg_number must be 1 (cond only) or 2 (cond + uncond), got {cfg_number}")
-    if cfg_number == 2 and (text_null is None or text_null_len is None):
+    if plan.cfg_number == 2 and (prompt.null is None or prompt.null_len is None):
         raise ValueError("cfg_number = 2 needs the negative-prompt context (text_null, text_null_len)")
-    if ddim and noise is None:
+    if plan.ddim and noise is None:
         raise ValueError("step_ddim draws fresh noise every step: pass a Noise object")
     # Upstream works on clones of the inputs, and the TI2V pin below writes in place.
     video, audio = video.clone(), audio.clone()
     # Two independent schedulers, as upstream; in A2V and SR the audio one is never stepped.
-    video_sched, audio_sched = FlowUniPC(steps, shift), FlowUniPC(steps, shift)
+    video_sched, audio_sched = FlowUniPC(plan.steps, plan.shift), FlowUniPC(plan.steps, plan.shift)
     sigmas = video_sched.sigmas
     for i, t in enumerate(tqdm(video_sched.timesteps.tolist(), desc=desc, disable=not progress)):
         if image_latent is not None:
-            # In place, before every call: the corrector then sees the pinned frame (pitfall 6).
+            # In place, before every call, so the UniPC corrector also sees the pinned frame.
             video[:, :, :1] = image_latent[:, :, :1]
-        vc_video, vc_audio = dit(video, audio, text, text_len)
-        if cfg_number == 2:
-            vu_video, vu_audio = dit(video, audio, text_null, text_null_len)
-            v_video = vu_video + video_guidance(t) * (vc_video - vu_video)
-            # Audio CFG is constant (no t > 500 switch); computed even where the audio is not stepped.
-            v_audio = vu_audio + audio_guidance * (vc_audio - vu_audio)
-        else:
-            v_video, v_audio = vc_video, vc_audio
+        # 1) Velocities: the cond pass, and with CFG the uncond pass on the same latents.
+        vc_video, vc_audio = dit(video, audio, prompt.text, prompt.text_len)
+        v_video, v_audio = vc_video, vc_audio
+        if plan.cfg_number == 2:
+            vu_video, vu_audio = dit(video, audio, prompt.null, prompt.null_len)
+            v_video = guide(vc_video, vu_video, plan.video_guidance(t))
+            # Computed even where the audio is not stepped (A2V, SR), as upstream.
+            v_audio = guide(vc_audio, vu_audio, plan.audio_guidance)
+            if trace is not None:
+                _record(trace, vu_video=vu_video, vu_audio=vu_audio)
         if trace is not None:
-            rec = {"x_video": video, "x_audio": audio, "vc_video": vc_video, "vc_audio": vc_audio,
-                   "vg_video": v_video, "vg_audio": v_audio}
-            if cfg_number == 2:
-                rec.update(vu_video=vu_video, vu_audio=vu_audio)
-            for k, val in rec.items():
-                trace.setdefault(k, []).append(val.detach().clone())
-        if ddim:
-            # One video draw, then one audio draw, every step including the last (pitfall 5).
-            # The audio is stepped even in A2V, renoising the given audio: an upstream quirk we keep.
+            _record(trace, x_video=video, x_audio=audio, vc_video=vc_video, vc_audio=vc_audio,
+                    vg_video=v_video, vg_audio=v_audio)
+        # 2) The update.
+        if plan.ddim:
+            # One video draw, then one audio draw, every step including the last (where the draw is
+            # multiplied by sigma = 0): the official draw order. The audio is stepped even in A2V,
+            # renoising the given audio: an upstream quirk we keep.
             video = step_ddim(sigmas, i, v_video, video, noise.randn(video.shape, "step_video"))
             audio = step_ddim(sigmas, i, v_audio, audio, noise.randn(audio.shape, "step_audio"))
         else:
             video = video_sched.step(v_video, video)
-            if step_audio:
+            if plan.step_audio:
                 audio = audio_sched.step(v_audio, audio)
     if image_latent is not None:
         video[:, :, :1] = image_latent[:, :, :1]  # pinned once more after the loop, as upstream
@@ -385,7 +415,7 @@ def denoise(
 
 
 # ==================================================================================================
-# The base pass (the first half of MagiEvaluator.evaluate, spec §0 step 3, §8.2)
+# The two passes: base (the first half of MagiEvaluator.evaluate) and SR (its second half)
 # ==================================================================================================
 
 
@@ -409,15 +439,16 @@ def base_pass(
 
     T2V: audio and video start from noise. TI2V: also `image_latent` [1, 48, 1, h, w], the image
     encoded at base size. A2V: `audio_latent` [1, num_frames, 64] (the encoded audio, already drawn
-    from `noise` by the audio encoder) is held fixed, except under step_ddim (pitfall 7).
-    The distilled model is cfg_number = 1, which selects step_ddim (pitfall 12).
+    from `noise` by the audio encoder) is held fixed by UniPC, but stepped (renoised) by step_ddim
+    as upstream does. The distilled model is cfg_number = 1, which is what selects step_ddim
+    upstream (its config's "distill" key is never read).
     """
     lh, lw = latent_hw
     shape_video = (1, Z_DIM, latent_length(num_frames), lh, lw)
     if image_latent is not None and tuple(image_latent.shape[-2:]) != (lh, lw):
         raise ValueError(f"image latent is {tuple(image_latent.shape[-2:])} but the video latent is {(lh, lw)}")
     if audio_latent is None:
-        # Audio is drawn FIRST, then the video (pitfall 5).
+        # Audio is drawn FIRST, then the video: the official draw order.
         audio = noise.randn((1, num_frames, AUDIO_DIM), "audio_init")
     else:
         if tuple(audio_latent.shape) != (1, num_frames, AUDIO_DIM):
@@ -425,20 +456,59 @@ def base_pass(
         audio = audio_latent.to(device=noise.device, dtype=torch.float32)
     # TI2V draws the full video too; frame 0 of it is overwritten before the first call.
     video = noise.randn(shape_video, "video_init")
-    ddim = cfg.cfg_number == 1
-    return denoise(
-        dit, video, audio, text, text_len, text_null, text_null_len,
-        steps=cfg.num_inference_steps, shift=cfg.shift, cfg_number=cfg.cfg_number,
-        video_guidance=lambda t: base_video_guidance(t, cfg),
-        audio_guidance=cfg.audio_txt_guidance_scale,
-        ddim=ddim,
-        step_audio=audio_latent is None,  # UniPC leaves given (A2V) audio alone; step_ddim does not
-        image_latent=image_latent, noise=noise, trace=trace, progress=progress, desc="base",
-    )
+    plan = Plan(steps=cfg.num_inference_steps, shift=cfg.shift, cfg_number=cfg.cfg_number,
+                video_guidance=lambda t: base_video_guidance(t, cfg),
+                audio_guidance=cfg.audio_txt_guidance_scale,
+                ddim=cfg.cfg_number == 1,
+                step_audio=audio_latent is None)  # UniPC leaves given (A2V) audio alone
+    prompt = Prompt(text, text_len, text_null, text_null_len)
+    return denoise(dit, video, audio, prompt, plan, image_latent=image_latent, noise=noise, trace=trace,
+                   progress=progress, desc="base")
+
+
+def sr_pass(
+    sr_dit: Callable,
+    cfg: SampleConfig,
+    br_video: torch.Tensor,
+    br_audio: torch.Tensor,
+    text: torch.Tensor,
+    text_len: torch.Tensor,
+    text_null: torch.Tensor | None = None,
+    text_null_len: torch.Tensor | None = None,
+    *,
+    sr_latent_hw: tuple[int, int],
+    noise: Noise,
+    image_latent: torch.Tensor | None = None,
+    trace: dict | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base latents (br_video, br_audio) -> (SR video latent, audio latent to decode).
+
+    `sr_latent_hw` is `latent_size(sr_width, sr_height)`. TI2V: `image_latent` is the image encoded
+    again at SR size [1, 48, 1, H, W]. Draws: video renoise, then audio mix noise (sr.py).
+    `trace` as in `denoise`, plus `sr_in_video` / `sr_in_audio`, the SR loop's inputs.
+    """
+    if image_latent is not None and tuple(image_latent.shape[-2:]) != tuple(sr_latent_hw):
+        raise ValueError(f"SR image latent is {tuple(image_latent.shape[-2:])}, expected {tuple(sr_latent_hw)}")
+    x = sr_stage.renoise(sr_stage.upsample_latent(br_video, sr_latent_hw), cfg.noise_value, noise)
+    a_in = sr_stage.audio_input(br_audio, cfg.sr_audio_noise_scale, noise)
+    if trace is not None:
+        trace["sr_in_video"], trace["sr_in_audio"] = x.clone(), a_in.clone()
+    g = sr_stage.sr_video_guidance(x.shape[2], cfg, device=x.device)
+    # A fresh full schedule starting at t = 999 although the input is only partly renoised, as
+    # upstream. UniPC on video only: SR never uses step_ddim, even with sr_cfg_number = 1.
+    plan = Plan(steps=cfg.sr_num_inference_steps, shift=cfg.shift, cfg_number=cfg.sr_cfg_number,
+                video_guidance=lambda t: g, audio_guidance=cfg.audio_txt_guidance_scale,
+                ddim=False, step_audio=False)
+    prompt = Prompt(text, text_len, text_null, text_null_len)
+    video, _ = denoise(sr_dit, x, a_in, prompt, plan, image_latent=image_latent, noise=noise, trace=trace,
+                       progress=progress, desc="sr")
+    # Upstream returns the base audio: the SR pass's audio prediction is discarded.
+    return video, br_audio.clone()
 
 
 # ==================================================================================================
-# Inputs: prompt, sizes, reference image, audio file (spec §3, §5, §6)
+# Inputs: prompt, sizes, reference image, audio file
 # ==================================================================================================
 
 AUDIO_RATE = 51200  # the rate the pipeline declares for VAE waveforms: 25 latents/s x 2048 samples
@@ -560,7 +630,7 @@ def read_audio(path, seconds: float | None) -> torch.Tensor:
 
 
 # ==================================================================================================
-# Outputs: uint8 frames, mp4 (H.264 + AAC) and wav, written atomically (spec §9)
+# Outputs: uint8 frames, mp4 (H.264 + AAC) and wav, written atomically
 # ==================================================================================================
 
 
@@ -667,6 +737,10 @@ class Models:
     to host memory afterwards. "layers": as "model", and the DiTs stream their 40 layers from
     pinned host memory one at a time (model.LayerStreamer), so the 15B DiT fits a 24 GB card.
     `builders[name](device)` returns the network (called with "cpu" for streamed DiTs).
+
+    A stage says which networks it needs with `with models.use(name) as net:`; when the block
+    ends the network leaves the device (offload "model"/"layers") or is freed (`keep_released`
+    False: a one-shot run never needs it again, so no device-to-host copy is spent on it).
     """
 
     def __init__(self, builders: dict, device, dtype=torch.bfloat16, offload: str = "none",
@@ -675,13 +749,18 @@ class Models:
             raise ValueError(f"offload must be none, model or layers, got {offload!r}")
         self.builders, self.device, self.dtype, self.offload = builders, torch.device(device), dtype, offload
         self.compile, self.sp, self.loaded = compile, sp, {}
-        # A one-shot run (the CLI) never needs a released network again: free it instead of
-        # spending a device-to-host copy on it.
         self.keep_released = keep_released
 
-    def get(self, name: str):
-        import model as dit_lib
+    @contextlib.contextmanager
+    def use(self, name: str, lazy: bool = False):
+        """Load `name` onto the device, yield it, and release it when the block ends. `lazy`: yield
+        nothing and load only if the block calls `get(name)` (the text encoder on a cache hit)."""
+        try:
+            yield None if lazy else self.get(name)
+        finally:
+            self._release(name)
 
+    def get(self, name: str):
         m = self.loaded.get(name)
         is_dit = name in ("dit", "sr_dit")
         if m is None:
@@ -698,25 +777,21 @@ class Models:
             m.to(self.device)
         return m
 
-    def release(self, name: str) -> None:
+    def _release(self, name: str) -> None:
         """The stage that needed `name` is over: move it off the device unless offload is "none"."""
         m = self.loaded.get(name)
-        if isinstance(m, torch.nn.Module) and self.offload != "none" and self.device.type != "cpu":
-            if not self.keep_released:
-                return self.drop(name)
-            if not (name in ("dit", "sr_dit") and self.offload == "layers"):
-                m.to("cpu")
-            torch.cuda.empty_cache()
-
-    def drop(self, name: str) -> None:
-        self.loaded.pop(name, None)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if not (isinstance(m, torch.nn.Module) and self.offload != "none" and self.device.type != "cpu"):
+            return
+        if not self.keep_released:
+            del self.loaded[name]
+        elif not (name in ("dit", "sr_dit") and self.offload == "layers"):
+            m.to("cpu")
+        torch.cuda.empty_cache()
 
 
 # Rough sizes in GB for choosing an offload mode: weights at their pipeline dtypes (DiT and T5-Gemma
 # bf16, audio VAE fp32) and the largest activations of a stage at each output size (the DiT's MLP
-# temporaries, the Turbo decode window; README "Memory").
+# temporaries, the Turbo decode window; README, appendix "Memory per run").
 WEIGHTS_GB = {"dit": 30.6, "text_encoder": 18.5, "wan": 1.4, "turbo": 0.2, "audio_vae": 0.6}
 ACTIVATIONS_GB = {"none": 4.0, "540p": 10.0, "1080p": 26.0}
 
@@ -739,12 +814,7 @@ def choose_offload(device, sr: str) -> str:
 
 def release_builders(weights, model: str, sr: str, dtype: torch.dtype) -> dict:
     """Builders for the released networks under `weights` (layout: load_weights.py, "The release")."""
-    from pathlib import Path
-
-    import load_weights as lw
-    from model import dit_config
-
-    w = Path(weights)
+    w, dit_config = Path(weights), dit_lib.dit_config
     return {
         "dit": lambda dev: lw.load_dit(w / "daVinci-MagiHuman" / model, dit_config(model), dtype, dev),
         "sr_dit": lambda dev: lw.load_dit(w / "daVinci-MagiHuman" / f"{sr}_sr", dit_config(f"{sr}_sr"), dtype, dev),
@@ -758,9 +828,6 @@ def release_builders(weights, model: str, sr: str, dtype: torch.dtype) -> dict:
 
 def tiny_builders(dtype: torch.dtype, seed: int = 0) -> dict:
     """Tiny networks with seeded random weights: the whole pipeline in seconds on a laptop CPU."""
-    import model as dit_lib
-    import text_encoder as te
-    import vae
 
     def seeded(make):
         def build(dev):
@@ -772,7 +839,7 @@ def tiny_builders(dtype: torch.dtype, seed: int = 0) -> dict:
     def dit(name):
         def build(dev):
             cfg = dit_lib.dit_config("tiny", coords_style="v1" if name == "sr" else "v2")
-            return dit_lib.init_random_(dit_lib.DiT(cfg, block_dtype=dtype).to(dev), seed).eval()
+            return dit_lib.random_dit(cfg, block_dtype=dtype, seed=seed, device=dev)
         return build
 
     return {
@@ -787,7 +854,7 @@ def tiny_builders(dtype: torch.dtype, seed: int = 0) -> dict:
 
 
 # ==================================================================================================
-# The pipeline: prompt (+ image / audio) -> frames and waveform (MagiEvaluator.evaluate, spec §0)
+# The pipeline: prompt (+ image / audio) -> frames and waveform (MagiEvaluator.evaluate)
 # ==================================================================================================
 
 
@@ -811,9 +878,6 @@ class Timer:
         self.device, self.times = torch.device(device), {}
 
     def __call__(self, name):
-        import contextlib
-        import time
-
         @contextlib.contextmanager
         def stage():
             start = time.perf_counter()
@@ -828,8 +892,6 @@ def encode_text(models: Models, text: str, text_weights=None, progress: bool = F
     """(features [1, n, C] float32 on the device, n). With released weights (`text_weights`, the
     T5-Gemma folder) the features are cached on disk by weights + text, so the negative prompt (and
     a repeated prompt) never loads the 18 GB encoder again."""
-    import load_weights as lw
-    import text_encoder as te
 
     def compute():
         import warnings
@@ -888,83 +950,67 @@ def decoder_calls(decoder, latent_frames: int) -> int:
 def generate(models: Models, req: Request, cfg: SampleConfig, *, text_weights=None, progress=True,
              timer: Timer | None = None, decode: bool = True, latents: dict | None = None):
     """One request -> (frames uint8 [F, H, W, 3], audio float32 [N, 2] at 44.1 kHz), or the latents
-    (video, audio) when `decode` is False. Stages in the official order (spec §0). `latents`, if a
-    dict, receives the final latents ("video" [1, 48, T, h, w], "audio" [1, N, 64])."""
-    import text_encoder as te
-    import vae
-
+    (video, audio) when `decode` is False. Stages in the official order (pipeline.py, then
+    MagiEvaluator.evaluate). `latents`, if a dict, receives the final latents ("video"
+    [1, 48, T, h, w], "audio" [1, N, 64]). SR runs when `req.sr` is "540p" or "1080p" (the
+    official `use_sr_model`), with the sr_* settings of `cfg`."""
     timer = timer or Timer(models.device)
     device = models.device
     noise = Noise(req.seed, device)  # every draw of the run, in the official order
     lh, lw = latent_size(*req.size)
+    use_sr = req.sr != "none"
 
-    with timer("text encode"):
+    with timer("text encode"), models.use("text_encoder", lazy=True):
         # An empty prompt is refused here, before any heavy work.
         text, text_len = encode_text(models, req.prompt, text_weights, progress)
         text_null = text_null_len = None
-        if cfg.cfg_number == 2 or (cfg.use_sr_model and cfg.sr_cfg_number == 2):
+        if cfg.cfg_number == 2 or (use_sr and cfg.sr_cfg_number == 2):
             text_null, text_null_len = encode_text(models, te.NEGATIVE_PROMPT, text_weights, progress)
-        models.release("text_encoder")
 
     audio_latent = None
     num_frames = None if req.seconds is None else num_frames_for(req.seconds, cfg.fps)
     if req.audio is not None:
-        with timer("audio encode"):
-            audio_vae = models.get("audio_vae")
+        with timer("audio encode"), models.use("audio_vae") as audio_vae:
             # A2V: the posterior sample is RNG draw #1 (before the video noise); length from the audio.
             audio_latent = audio_vae.encode_a2v(req.audio.to(device), noise=noise)  # [1, L, 64]
             num_frames = audio_latent.shape[1]
-            models.release("audio_vae")
 
     image_latent = sr_image_latent = None
-    sr_hw = None
-    if cfg.use_sr_model:
-        sr_w, sr_h = req.sr_size or sr_size_for(*req.size, req.sr)
-        sr_hw = latent_size(sr_w, sr_h)
+    sr_hw = latent_size(*(req.sr_size or sr_size_for(*req.size, req.sr))) if use_sr else None
     if req.image is not None:
-        with timer("image encode"):
-            wan = models.get("wan")
+        with timer("image encode"), models.use("wan") as wan:
             image_latent = wan.encode_image(vae.image_to_tensor(req.image, 16 * lh, 16 * lw).to(device))
-            if sr_hw is not None:  # encoded again at SR size, not upsampled (pitfall 6)
+            if use_sr:  # encoded again at SR size, not upsampled, as upstream
                 sr_image_latent = wan.encode_image(vae.image_to_tensor(req.image, 16 * sr_hw[0], 16 * sr_hw[1]).to(device))
-            models.release("wan")
 
-    with timer("DiT"):
+    with timer("DiT"), models.use("dit") as dit:
         video, audio = base_pass(
-            models.get("dit"), cfg, text, text_len, text_null, text_null_len, num_frames=num_frames,
+            dit, cfg, text, text_len, text_null, text_null_len, num_frames=num_frames,
             latent_hw=(lh, lw), noise=noise, image_latent=image_latent, audio_latent=audio_latent,
             progress=progress)
-        models.release("dit")
 
-    if cfg.use_sr_model:
-        import sr as sr_stage
-
-        with timer("SR"):
-            video, audio = sr_stage.sr_pass(
-                models.get("sr_dit"), cfg, video, audio, text, text_len, text_null, text_null_len,
+    if use_sr:
+        with timer("SR"), models.use("sr_dit") as sr_dit:
+            video, audio = sr_pass(
+                sr_dit, cfg, video, audio, text, text_len, text_null, text_null_len,
                 sr_latent_hw=sr_hw, noise=noise, image_latent=sr_image_latent, progress=progress)
-            models.release("sr_dit")
     if latents is not None:
         latents.update(video=video.detach().cpu().contiguous(), audio=audio.detach().cpu().contiguous())
     if not decode:
         return video, audio
 
-    with timer("decode video"):
-        decoder = models.get(req.vae)
+    with timer("decode video"), models.use(req.vae) as decoder:
         with call_bar([decoder.decoder], decoder_calls(decoder, video.shape[2]), "decode video", progress):
             frames = to_uint8_frames(decoder.decode(video))  # Turbo: unclamped; Wan: clamped to [-1, 1]
-        models.release(req.vae)
-        # The decoders give 4(T-1)+1 frames, fewer than the audio's when 25·seconds is not a multiple
-        # of 4 (2 s: 49 frames, 51 audio latents). Upstream muxes the shorter video anyway and players
-        # hold its last frame; we repeat that frame so both streams last num_frames / 25 s.
-        missing = audio.shape[1] - frames.shape[0]
-        if missing > 0:
-            frames = np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)])
-    with timer("decode audio"):
-        audio_vae = models.get("audio_vae")
+    # The decoders give 4(T-1)+1 frames, fewer than the audio's when 25·seconds is not a multiple
+    # of 4 (2 s: 49 frames, 51 audio latents). Upstream muxes the shorter video anyway and players
+    # hold its last frame; we repeat that frame so both streams last num_frames / 25 s.
+    missing = audio.shape[1] - frames.shape[0]
+    if missing > 0:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)])
+    with timer("decode audio"), models.use("audio_vae") as audio_vae:
         wave_51k = audio_vae.decode(audio)  # [1, 2, 2048 N] at the declared 51.2 kHz
         audio_44k = vae.resample_to_44k(wave_51k)  # [1764 N, 2] float32 (scipy's FFT resample)
-        models.release("audio_vae")
     return frames, audio_44k
 
 
@@ -1075,7 +1121,7 @@ def _resolve(args):
         cfg = replace(cfg, num_inference_steps=args.steps)
     if args.sr != "none":
         # Both official SR examples: SR model on, cond pass only (sr_cfg_number = 1).
-        cfg = replace(cfg, use_sr_model=True, sr_cfg_number=1)
+        cfg = replace(cfg, sr_cfg_number=1)
     req = Request(prompt=prompt, seconds=seconds, size=size, sr=args.sr, sr_size=sr_size, image=image,
                   audio=audio, seed=args.seed, vae=args.vae)
     return req, cfg, outputs
@@ -1130,7 +1176,7 @@ def memory_needed(req: Request, cfg: SampleConfig, model: str, dtype: torch.dtyp
 
     num_frames = len(req.audio) // 2048 if req.audio is not None else num_frames_for(req.seconds, cfg.fps)
     T = latent_length(num_frames)
-    w, h = req.sr_size if cfg.use_sr_model else floored_size(*req.size)
+    w, h = req.sr_size if req.sr != "none" else floored_size(*req.size)
     pixels = max(4 * (T - 1) + 1, num_frames) * w * h
     tokens = T * (h // 32) * (w // 32) + num_frames + 640
     hidden = dit_config("tiny" if tiny else model).hidden_size
@@ -1227,7 +1273,7 @@ def _run(args, written: list) -> None:
 
             dist.barrier()  # the other ranks wait for rank 0's files before gloo/NCCL is torn down
     finally:
-        _end_distributed()
+        dit_lib.end_distributed(barrier=False)  # the success path has met at its barrier above
 
 
 def _check_cpu_compiler() -> None:
@@ -1255,26 +1301,8 @@ def _init_distributed(device):
     """Under torchrun (WORLD_SIZE > 1): join the process group and split the DiT's sequence over the
     ranks (model.SequenceParallel). Every rank draws the same noise (same seed, same order); only
     rank 0 decodes and writes."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, None
-    import torch.distributed as dist
-    from model import SequenceParallel
-
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-    return dist.get_rank(), SequenceParallel()
-
-
-def _end_distributed():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    rank, world, _ = dit_lib.init_distributed(device)
+    return rank, (dit_lib.SequenceParallel() if world > 1 else None)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Run with `python -m pytest -q test_all.py`. Everything runs on CPU in a few minutes.
 
-Golden harness (contract in ../shared/golden/README.md): every `*.json` case in $GOLDEN_DIR
-(default ../shared/golden beside the checkout) becomes one `test_golden[<case>]`. It dispatches on
+Golden harness (contract in golden/README.md): every `*.json` case in $GOLDEN_DIR
+(default: the repo's own golden/ folder) becomes one `test_golden[<case>]`. It dispatches on
 the case's `kind` through GOLDEN_KINDS, loads the `w.*` tensors through load_weights.py (strict,
 official key names), runs our component with every hyper-parameter read from the case's json, and
 asserts every entry of `tol` (and `tol_replay` / `tol_bf16` where present) as a relative L2 error.
@@ -39,7 +39,7 @@ import sr
 from model import DIT_PRESETS, DiT, DiTConfig, count_params, dense_attn_mask
 
 HERE = Path(__file__).resolve().parent
-GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", HERE.parent / "shared" / "golden"))
+GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", HERE / "golden"))
 GOLDEN_CASES = sorted(GOLDEN_DIR.glob("*.json"))
 
 
@@ -145,7 +145,7 @@ def tiny_dit_config(**overrides) -> DiTConfig:
 
 def random_dit(cfg: DiTConfig, block_dtype=torch.float32, seed=0) -> DiT:
     """A DiT with random weights everywhere (norm deltas too, so a mis-routed expert shows)."""
-    return model.init_random_(DiT(cfg, block_dtype=block_dtype), seed, norm_std=0.2).eval()
+    return model.random_dit(cfg, block_dtype, seed, norm_std=0.2)
 
 
 def dit_inputs(cfg: DiTConfig, B=1, T=3, h=4, w=6, Na=9, Lpad=7, seed=1):
@@ -155,7 +155,7 @@ def dit_inputs(cfg: DiTConfig, B=1, T=3, h=4, w=6, Na=9, Lpad=7, seed=1):
 
 
 def test_dit_released_config_keys_and_param_count():
-    """Spec dit §11: 15,299,419,136 parameters in 330 tensors + the bands buffer, official names/shapes."""
+    """The released DiT: 15,299,419,136 parameters in 330 tensors + the bands buffer, official names/shapes."""
     with torch.device("meta"):
         dit = DiT(DIT_PRESETS["base"])
     sd = dit.state_dict()
@@ -190,7 +190,7 @@ def test_dit_released_config_keys_and_param_count():
 
 
 def test_dit_presets():
-    """SR presets: coords v1; 1080p global layers are exactly 3, 7, ..., 31 (spec dit §8)."""
+    """SR presets: coords v1; 1080p global layers are exactly 3, 7, ..., 31 (the official SR2_1080 list)."""
     assert DIT_PRESETS["540p_sr"].coords_style == "v1" and DIT_PRESETS["540p_sr"].local_attn_layers == []
     local = DIT_PRESETS["1080p_sr"].local_attn_layers
     assert sorted(set(range(40)) - set(local)) == [3, 7, 11, 15, 19, 23, 27, 31] and len(local) == 32
@@ -212,7 +212,7 @@ def test_patch_orders():
 
 
 def test_sequence_coords_worked_example():
-    """Spec dit §10: the 4 s 448x256 request, video/audio/text coordinates for v1 and v2."""
+    """A worked example: the 4 s 448x256 request, video/audio/text coordinates for v1 and v2."""
     from model import sequence_coords
     Nt = 5
     for style in ("v1", "v2"):
@@ -227,7 +227,7 @@ def test_sequence_coords_worked_example():
 
 
 def test_rope_effective_positions():
-    """RoPE angles follow the effective positions of spec dit §4: video centred, audio j/4, text 0 (v2)."""
+    """RoPE angles follow the effective positions: video centred, audio j/4, text 0 (v2)."""
     from model import ElementWiseFourierEmbed, sequence_coords
     emb = ElementWiseFourierEmbed(128)
     coords = sequence_coords(26, 8, 14, 101, 5, "v2")
@@ -242,7 +242,7 @@ def test_rope_effective_positions():
 
 
 def official_local_ranges(Nv, Nat, F, R):
-    """Independent re-statement of `calc_local_qk_range` (spec dit §8): the (q, k) range pairs."""
+    """Independent re-statement of `calc_local_qk_range` (data_proxy.py): the (q, k) range pairs."""
     tpf = Nv // F
     clamp = lambda x: min(max(x, 0), Nv)  # noqa: E731
     pairs = [((i * tpf, (i + 1) * tpf), (clamp((i - R) * tpf), clamp((i + R + 1) * tpf))) for i in range(F)]
@@ -404,12 +404,12 @@ def _free_port() -> int:
 
 def _sp_worker(rank, world, out_dir):
     """One rank: both golden DiT cases under sequence parallelism, then the two refused setups."""
-    import torch.distributed as dist
     from safetensors.torch import save_file
     from model import SequenceParallel
     torch.set_num_threads(1)
     # A file rendezvous: no TCP port to pick (and race for) on a shared CI machine.
-    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=world)
+    model.init_distributed("cpu", world_size=world, rank=rank, init_method=f"file://{out_dir / 'rendezvous'}")
+    ok = False
     try:
         for case in ("dit_tiny_t2v", "dit_tiny_sr_local"):
             spec, t = load_case(GOLDEN_DIR / f"{case}.json")
@@ -431,11 +431,12 @@ def _sp_worker(rank, world, out_dir):
         except ValueError as e:
             errors.append(str(e))
         (out_dir / f"errors{rank}.json").write_text(json.dumps(errors))
-        dist.barrier()  # nobody tears gloo down while a peer is still talking to it
+        ok = True
     finally:
-        dist.destroy_process_group()
+        model.end_distributed(barrier=ok)  # nobody tears gloo down while a peer still talks to it
 
 
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 @pytest.mark.parametrize("world", [2, 3])
 def test_sequence_parallel(tmp_path, world):
     """2 and 3 ranks on the golden configs, full and local attention: every rank returns the
@@ -596,7 +597,7 @@ def test_text_empty_prompt_refused():
 
 
 def test_text_encoder_released_config_on_meta():
-    """Released config on the meta device: key set, shapes and parameter count of spec audio_text §3.4."""
+    """Released config on the meta device: key set, shapes and parameter count of the released encoder."""
     from text_encoder import FULL, SLIDING, T5GemmaEncoder, T5GemmaEncoderConfig
 
     cfg = T5GemmaEncoderConfig()
@@ -631,7 +632,7 @@ def test_no_transformers_import():
 def test_negative_prompt_exact():
     from text_encoder import NEGATIVE_PROMPT
 
-    # spec sampling §4: 1719 characters, no trailing newline, this SHA-256 of the UTF-8 bytes.
+    # The official negative prompt: 1719 characters, no trailing newline, this SHA-256 of the UTF-8 bytes.
     assert len(NEGATIVE_PROMPT) == 1719 and not NEGATIVE_PROMPT.endswith("\n")
     digest = hashlib.sha256(NEGATIVE_PROMPT.encode("utf-8")).hexdigest()
     assert digest == "4515a21f8d125d12e5a42b23e65bb09f46ea9817567f1834ad556e8cd1852c4b"
@@ -760,7 +761,7 @@ def _run_sampling_case(spec, tensors, dit):
         image = tensors.get("in.image_latent_sr", tensors.get("in.image_latent"))
     trace = {}
     if sr_case:
-        video, audio = sr.sr_pass(
+        video, audio = sample.sr_pass(
             dit, cfg, tensors["in.br_video"], tensors["in.br_audio"], tensors["in.text"], tensors["in.text_len"],
             text_null, text_null_len, sr_latent_hw=tuple(call["sr_latent_hw"]), noise=noise,
             image_latent=image, trace=trace, progress=False)
@@ -822,7 +823,7 @@ def _golden_unipc_schedule(spec, tensors):
         t_name, s_name = names.split("/")
         ours["out." + t_name], ours["out." + s_name] = ts, sig
         assert ts.dtype == torch.int64 and sig.dtype == torch.float32
-    ours["out.zero_snr"] = sample.zero_snr_table()
+    ours["out.zero_snr"] = sr.zero_snr_table()
     # Trajectories on the closed-form velocity v(x, t) = x @ M + float32(t) / 1000 * u.
     M, u = tensors["in.M"], tensors["in.u"]
     for name, tr in call["trajectories"].items():
@@ -861,7 +862,7 @@ def _tiny_text():
 
 
 def test_latent_sizes_follow_spec():
-    # Worked examples of spec §3: sizes floor to multiples of 32 px (even latents).
+    # Worked examples: sizes floor to multiples of 32 px (even latents).
     assert sample.latent_size(480, 272) == (16, 30)
     assert sample.latent_size(448, 256) == (16, 28)
     assert sample.latent_size(896, 512) == (32, 56)
@@ -910,7 +911,7 @@ def test_noise_order_t2v_distill_a2v():
     distill = sample.preset("distill", num_inference_steps=2)
     steps = [("step_video", V), ("step_audio", A)] * 2  # video then audio, at every step incl. the last
     assert _draw_log(distill) == [("audio_init", A), ("video_init", V)] + steps
-    # A2V: no audio init draw; the distilled step still renoises the given audio (pitfall 7).
+    # A2V: no audio init draw; the distilled step still renoises the given audio (an upstream quirk we keep).
     assert _draw_log(distill, audio_latent=torch.zeros(A)) == [("video_init", V)] + steps
 
 
@@ -924,7 +925,7 @@ def test_a2v_audio_fixed_under_unipc_but_stepped_by_ddim():
 
 
 def test_base_video_guidance_switch_32_steps():
-    # Spec §8.1: with 32 steps, indices 0-26 (t >= 535) use 5.0, indices 27-31 (t <= 480) use 2.0;
+    # With 32 steps, indices 0-26 (t >= 535) use 5.0, indices 27-31 (t <= 480) use 2.0;
     # audio stays at 5.0. With cond = 1 and uncond = 0 the guided velocity equals the scale.
     text, tl, tn, tnl = _tiny_text()
     trace = {}
@@ -933,7 +934,7 @@ def test_base_video_guidance_switch_32_steps():
     g_video = [float(v.flatten()[0]) for v in trace["vg_video"]]
     g_audio = [float(v.flatten()[0]) for v in trace["vg_audio"]]
     assert g_video == [5.0] * 27 + [2.0] * 5 and g_audio == [5.0] * 32
-    # The comparison is strict (pitfall 2); no schedule above lands on t = 500 itself.
+    # The comparison is strict (t > 500, not >=); no schedule above lands on t = 500 itself.
     cfg = sample.SampleConfig()
     assert sample.base_video_guidance(500, cfg) == 2.0 and sample.base_video_guidance(501, cfg) == 5.0
 
@@ -953,7 +954,7 @@ def test_ti2v_frame0_pinned_and_bad_cfg_number():
 
 
 def test_unipc_last_step_is_x0_prediction():
-    # Pitfall 3 / §7.4: the final UniPC output is exactly x_{N-1} - sigma_{N-1} * v_{N-1}.
+    # lower_order_final at every N: the final UniPC output is exactly x_{N-1} - sigma_{N-1} * v_{N-1}.
     for n in (1, 2, 3, 5):
         s = sample.FlowUniPC(n, 5.0)
         x = torch.randn(2, 3)
@@ -965,8 +966,8 @@ def test_unipc_last_step_is_x0_prediction():
 
 
 def test_zero_snr_values():
-    S = sample.zero_snr_table()
-    # Spec §8.3 values (printed there to 6 digits, hence the tolerance).
+    S = sr.zero_snr_table()
+    # Values of the official table printed to 6 digits, hence the tolerance.
     assert abs(S[220].item() - 0.838910) < 2e-6 and abs((1 - S[220] ** 2).sqrt().item() - 0.544270) < 2e-6
     assert abs(S[0].item() - 0.9995749) < 1e-6 and S[999].item() == 0.0
 
@@ -979,7 +980,7 @@ def test_sr_guidance_and_draws():
     text, tl, _, _ = _tiny_text()
     br_v, br_a = torch.randn(1, 48, 2, 2, 2), torch.randn(1, 5, 64)
     noise, dit = sample.Noise(seed=0), _ConstDiT()
-    v, a = sr.sr_pass(dit, sample.preset("540p_sr"), br_v, br_a, text, tl, sr_latent_hw=(4, 6), noise=noise,
+    v, a = sample.sr_pass(dit, sample.preset("540p_sr"), br_v, br_a, text, tl, sr_latent_hw=(4, 6), noise=noise,
                       progress=False)
     assert v.shape == (1, 48, 2, 4, 6) and torch.equal(a, br_a) and dit.n == 5
     assert noise.log == [("sr_video", (1, 48, 2, 4, 6)), ("sr_audio", (1, 5, 64))]
@@ -1014,6 +1015,7 @@ def test_layer_streaming_equals_resident():
         assert torch.equal(o[0], ref[0]) and torch.equal(o[1], ref[1])
 
 
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals Inductor touches
 def test_compiled_layers_equal_eager():
     """torch.compile of the layers (Inductor on CPU) == eager, float32 and the bf16 path."""
@@ -1031,7 +1033,7 @@ def test_compiled_layers_equal_eager():
 
 
 def test_dit_flops_match_spec_table():
-    """bench.dit_flops against spec dit §14's table (computed there independently, 4 significant digits)."""
+    """bench.dit_flops against a FLOP table computed independently by hand (4 significant digits)."""
     from bench import dit_flops
     from model import dit_config
     cases = [  # (preset, T, h, w, Na, Nt, TFLOP)
@@ -1145,7 +1147,7 @@ def _golden_oobleck(spec, tensors):
     _vae_check(spec, tensors, run, model, spec["kind"])
 
 
-# ---- key tables (spec video_vae §3.9, §4.6; audio_text §1.8), written out independently of vae.py ----
+# ---- key tables of the released VAE checkpoints, written out independently of vae.py ----
 
 
 def _wan_expected_keys(dim=160, dec=256, z=48) -> dict:
@@ -1270,7 +1272,7 @@ def _shapes(module) -> dict:
 
 
 def test_vae_key_tables_released_configs():
-    """Released configs built on meta: exact key sets and shapes, counts and parameter totals of the spec."""
+    """Released configs built on meta: exact key sets and shapes, counts and parameter totals of the release."""
     import vae
 
     with torch.device("meta"):
@@ -1348,7 +1350,7 @@ def test_vae_ckpt_with_pickled_object_is_refused(tmp_path):
 
 
 def test_vae_shape_rules_released_configs():
-    """spec video_vae §7.2 on the meta device (shapes only, released widths)."""
+    """The released VAE shape rules on the meta device (shapes only, released widths)."""
     import vae
 
     with torch.device("meta"):
@@ -1372,7 +1374,7 @@ def test_vae_shape_rules_released_configs():
 
 
 def test_vae_patchify_order():
-    """spec video_vae §2.2 / §7.3: pixel (c, 2i+dy, 2j+dx) <-> channel 4c + 2dx + dy; exact inverses."""
+    """Wan patchify: pixel (c, 2i+dy, 2j+dx) <-> channel 4c + 2dx + dy; exact inverses."""
     import vae
 
     assert vae.unpatchify(torch.arange(4.0).view(1, 4, 1, 1, 1))[0, 0, 0].tolist() == [[0, 2], [1, 3]]
@@ -1396,7 +1398,7 @@ def _tiny_wan():
 
 
 def test_wan_decode_causal_and_full_sequence():
-    """spec video_vae §7.4-5: one-latent-at-a-time (official) == one call over all latents (§3.6), and a
+    """One-latent-at-a-time (official) == one call over all latents, and a
     prefix of latents decodes to the prefix of the frames. Both are exact up to float reassociation
     (~1e-7 relative in fp32); a cache bug gives O(1) differences, hence 1e-5."""
     model = _tiny_wan()
@@ -1409,7 +1411,7 @@ def test_wan_decode_causal_and_full_sequence():
 
 
 def test_turbo_decode_is_not_causal():
-    """spec video_vae §7.5 the other way round: Turbo's windows and end padding see the future."""
+    """The other way round: Turbo's windows and end padding see the future."""
     import vae
 
     torch.manual_seed(0)
@@ -1436,7 +1438,7 @@ def test_vae_time_sliced_convs_match(monkeypatch):
 
 
 def _encode_image_2d(model, image):
-    """spec video_vae §3.7, written independently: one frame through the encoder as 2-D ops (each 3x3x3
+    """Written independently: one frame through the encoder as 2-D ops (each 3x3x3
     causal conv = its last temporal tap, time convs unused, AvgDown3D(ft=2) = zeros / 2x2 avg pool)."""
     import vae
 
@@ -1482,7 +1484,7 @@ def test_wan_single_image_encode_equals_2d_recipe():
 
 
 def test_image_to_tensor_crop_and_resize():
-    """spec sampling §5: 1280x720 -> 448x256 crops (10, 0, 1270, 720) then one LANCZOS resize."""
+    """The official TI2V crop: 1280x720 -> 448x256 crops (10, 0, 1270, 720) then one LANCZOS resize."""
     from PIL import Image
 
     import vae
@@ -1508,7 +1510,7 @@ class _Draws:
 
 
 def test_oobleck_a2v_long_audio_chunking():
-    """spec sampling §6 / audio_text §2.3 with a small window: chunks every window/2, zero-padded tail,
+    """The official A2V chunking with a small window: chunks every window/2, zero-padded tail,
     own noise per chunk in order, cross-fade merge (re-done here as the official per-frame loop),
     ceil trim; the short path floors. Same ops on the same values: 1e-6 covers float reassociation."""
     import vae
@@ -1697,6 +1699,7 @@ def test_download_selection_without_network(tmp_path, monkeypatch, capsys):
     assert "pip install huggingface_hub" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 def test_cli_two_processes_write_the_same_mp4(tmp_path):
     """torchrun with 2 CPU ranks (gloo, sequence-parallel DiT) against 1 process: the same latents
     and the same frames, and only rank 0 writes.
@@ -1727,6 +1730,7 @@ def test_cli_two_processes_write_the_same_mp4(tmp_path):
     assert mse == 0 or 10 * np.log10(255**2 / mse) > 30
 
 
+@pytest.mark.slow  # compiles every stage with Inductor on the CPU
 def test_bench_tiny_runs_and_prints_the_table():
     r = subprocess.run([sys.executable, str(HERE / "bench.py"), "--tiny", "--reps", "1"], capture_output=True,
                        text=True, timeout=600)
@@ -1751,7 +1755,7 @@ def test_cli_offload_modes_give_the_same_latents(tmp_path):
 
 
 # ==================================================================================================
-# Distillation (distill.py): DMD-2 unit tests (spec dmd2 §13), the 2-D toy, the DiT end to end
+# Distillation (distill.py): DMD-2 unit tests, the 2-D toy, the DiT end to end
 # ==================================================================================================
 
 
@@ -1790,7 +1794,7 @@ def same_params(a: dict, b: dict) -> bool:
 
 
 def test_distill_flow_conversions():
-    """§13.1: x_σ = (1−σ)x0 + σε; x0 = x − σv and v = (x − x0)/σ invert each other; with the exact
+    """x_σ = (1−σ)x0 + σε; x0 = x − σv and v = (x − x0)/σ invert each other; with the exact
     velocity v = ε − x0 the noisy sample gives back x0 (float64 here, so 1e-12 is generous)."""
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 4, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
@@ -1804,7 +1808,7 @@ def test_distill_flow_conversions():
 
 
 def test_distill_student_grid_and_oracle_rollout():
-    """§13.2: the 8- and 4-step grids of dmd2 §10 (= set_timesteps(K, shift=5)); a rollout whose
+    """The 8- and 4-step grids (= set_timesteps(K, shift=5)); a rollout whose
     network predicts the right x0 returns it, and every step's input is x0 re-noised to σ_k."""
     sig8 = [0.99980, 0.97201, 0.93727, 0.89260, 0.83306, 0.74970, 0.62469, 0.41639, 0.0]
     sig4 = [0.99980, 0.93727, 0.83306, 0.62469, 0.0]
@@ -1837,7 +1841,7 @@ def test_distill_student_grid_and_oracle_rollout():
 
 
 def test_distill_stop_grad_gradient():
-    """§13.3: autograd of ½·mean(x0 − sg(x0 − g))² w.r.t. x0 is exactly g / numel(x0)."""
+    """Autograd of ½·mean(x0 − sg(x0 − g))² w.r.t. x0 is exactly g / numel(x0)."""
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(2, 3, 4, generator=g, requires_grad=True)
     direction = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
@@ -1847,7 +1851,7 @@ def test_distill_stop_grad_gradient():
 
 @pytest.mark.parametrize("critic", ["full", "lora"])
 def test_distill_dmd_zero_at_init_and_per_sample_normaliser(critic):
-    """§13.4: at init teacher = critic (= student), so with w = 1 the DMD direction is exactly 0; with
+    """At init teacher = critic (= student), so with w = 1 the DMD direction is exactly 0; with
     the base sampler's CFG (w = 5/2, audio 5) it is not. The normaliser is per sample."""
     lora = 4 if critic == "lora" else 0
     for scales, expect_zero in (((1.0, 1.0, 1.0), True), ((5.0, 2.0, 5.0), False)):
@@ -1871,7 +1875,7 @@ def test_distill_dmd_zero_at_init_and_per_sample_normaliser(critic):
 
 @pytest.mark.parametrize("variant", ["full", "lora_gan"])
 def test_distill_ttur_bookkeeping(variant):
-    """§13.5: M = 7 iterations with N = 5 make ⌈7/5⌉ = 2 generator and 7 critic steps; the teacher
+    """M = 7 iterations with N = 5 make ⌈7/5⌉ = 2 generator and 7 critic steps; the teacher
     never changes and never gets a .grad; at the generator step the critic holds no gradient (with
     the GAN on, the generator loss does flow *through* the critic) and its weights stay put."""
     extra = dict(critic_lora_rank=4, gan=True) if variant == "lora_gan" else {}
@@ -1904,7 +1908,7 @@ def test_distill_ttur_bookkeeping(variant):
 
 
 def test_distill_per_modality_plumbing():
-    """§13.6: with λ_audio = 0 the student's audio head gets no gradient from the DMD loss, with
+    """With λ_audio = 0 the student's audio head gets no gradient from the DMD loss, with
     λ_audio = 1 it does; each modality's direction uses only its own normaliser."""
     moved = {}
     for w_audio in (0.0, 1.0):
@@ -1985,6 +1989,7 @@ def run_distill_cli(*args, cwd=HERE):
     return subprocess.run([sys.executable, "distill.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 def test_distill_cli_tiny_random_and_resume(tmp_path):
     """The CLI end to end on CPU: train, checkpoint, resume; bad input is one clear line."""
     common = ["--tiny-random", "--out", str(tmp_path), "--steps", "2", "--log-every", "1", "--save-every", "2",
@@ -2025,6 +2030,7 @@ for name, extra in (("full", {}), ("lora_gan", dict(critic_lora_rank=4, gan=True
 """
 
 
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 def test_distill_fsdp_two_processes_resume(tmp_path):
     """FSDP2 on 2 CPU processes (gloo), full and LoRA+GAN critics: checkpoints gather the shards
     into official-key files that load_dit reads, and a resumed run (per-rank optimiser shards)
@@ -2052,11 +2058,11 @@ def test_distill_fsdp_two_processes_resume(tmp_path):
         load_weights.load_dit(a / "student_ema", model.dit_config("tiny"))  # strict: all keys, full shapes
 
 
-# ---- the 2-D Gaussian-mixture toy (spec dmd2 §13), run through the very same Distiller -----------
+# ---- the 2-D Gaussian-mixture toy, run through the very same Distiller -----------
 #
 # "Video" is a point in 2-D drawn from 8 Gaussians (std 0.1) on a circle of radius 2; class c owns
 # modes 2c and 2c+1, class 4 is the null class (the negative prompt). "Audio" is a 4-D vector whose
-# mean is tied to the mode index (the §13 two-modality extension), so the per-modality losses and
+# mean is tied to the mode index (a two-modality extension), so the per-modality losses and
 # normalisers are exercised. The toy network takes σ (a 2-D point does not reveal its noise level;
 # the DiT's latents do), which is the only difference from the DiT path: `toy_velocity` passes it.
 
@@ -2177,12 +2183,13 @@ def toy_teacher():
     return net, c, ref
 
 
+@pytest.mark.slow  # one of the slowest tests: skipped by `-m "not slow"`
 @pytest.mark.parametrize("K", [1, 2])
 def test_distill_toy_students_beat_few_step_teacher(toy_teacher, K):
-    """Acceptance 2 / spec §13: a K-step DMD-2 student (w = 1, backward simulation, TTUR 5, EMA 0.99)
+    """A K-step DMD-2 student (w = 1, backward simulation, TTUR 5, EMA 0.99)
     beats the teacher sampled with K Euler steps against the teacher's 128-step distribution.
 
-    Margins (from §13, re-checked on this implementation with seeds 0-2; measured K = 1: SWD ratio
+    Margins (re-checked on this implementation with seeds 0-2; measured K = 1: SWD ratio
     0.25-0.29, precision 0.70-0.74 vs teacher 0.00; K = 2: SWD ratio 0.33-0.43, precision 0.85-0.86
     vs 0.54; class consistency >= 0.999): K = 1: SWD <= 0.5·teacher, precision >= 0.5; K = 2: SWD
     <= 0.6·teacher, precision >= teacher + 0.05. Audio-video agreement: K = 1 must beat the 1-step
@@ -2191,7 +2198,7 @@ def test_distill_toy_students_beat_few_step_teacher(toy_teacher, K):
     teacher, c, ref = toy_teacher
     cfg = distill.DistillConfig(
         steps=K, grid_shift=1.0, grid_sigma_max=1.0,  # σ_k = 1 − k/K: the teacher's best few-step grid
-        cfg_video_high=1.0, cfg_video_low=1.0, cfg_audio=1.0,  # w = 1 (§13: CFG moves the fixed point)
+        cfg_video_high=1.0, cfg_video_low=1.0, cfg_audio=1.0,  # w = 1 (CFG would move the fixed point)
         dmd_shift=1.0, critic_shift=1.0, critic_sigma_min=0.0, critic_sigma_max=1.0,
         batch_size=256, lr_generator=4e-4, lr_critic=4e-4, betas=(0.0, 0.999), weight_decay=0.0,
         critic_ratio=5, grad_clip=10.0, ema_decay=0.99, ema_start=0, seed=0)
@@ -2290,7 +2297,7 @@ def test_sr_size_from_the_floored_base_size(size, sr_name, expected, tmp_path):
     args = sample.build_parser().parse_args(["--prompt", "x", "--size", "{}x{}".format(*size), "--sr", sr_name,
                                              "--out", str(tmp_path / "x.mp4")])
     req, cfg, _ = sample._resolve(args)
-    assert req.sr_size == expected and cfg.use_sr_model
+    assert req.sr_size == expected and req.sr == sr_name
 
 
 def test_sr_size_reaches_the_sr_pass(monkeypatch, tmp_path):
@@ -2304,7 +2311,7 @@ def test_sr_size_reaches_the_sr_pass(monkeypatch, tmp_path):
         seen["hw"] = sr_latent_hw
         raise Stop
 
-    monkeypatch.setattr(sr, "sr_pass", fake_sr_pass)
+    monkeypatch.setattr(sample, "sr_pass", fake_sr_pass)
     args = sample.build_parser().parse_args(["--prompt", "x", "--size", "64x32", "--seconds", "1", "--sr", "540p",
                                              "--sr-size", "100x70", "--out", str(tmp_path / "x.mp4")])
     req, cfg, outputs = sample._resolve(args)
@@ -2640,3 +2647,26 @@ def test_loaders_accept_str_paths(tmp_path):
                  lambda: load_weights.load_dit(str(tmp_path), model.dit_config("tiny"))):
         with pytest.raises(load_weights.CheckpointError, match=str(tmp_path)):
             call()
+
+
+# ---- issue 13: README reading order ----
+
+
+def test_readme_reading_order_points_at_the_code():
+    """Each row of README's "Read in this order" names a file, a line range and, in parentheses, the
+    definitions to read there: every top-level one it names must start inside that range, so the
+    reading path cannot silently drift when the code moves."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) \| `(\w+\.py)` L(\d+)–(\d+) \((.*?)\)", readme, re.M)
+    assert len(rows) >= 8, "README lost its reading-order table"
+    for n, file, a, b, names in rows:
+        lines = (HERE / file).read_text(encoding="utf-8").splitlines()
+        found = {}
+        for name in re.findall(r"`(\w+)`", names):
+            pat = re.compile(rf"^(?:def|class) {name}\b|^{name}\s*=")
+            hits = [i + 1 for i, line in enumerate(lines) if pat.match(line)]
+            if hits:  # names that are not top-level (a method such as `forward`) are not checked
+                found[name] = hits[0]
+        assert found, f"row {n}: none of {names!r} is a top-level definition of {file}"
+        outside = {k: v for k, v in found.items() if not int(a) <= v <= int(b)}
+        assert not outside, f"row {n}: {file} L{a}–{b} does not hold {outside} (name: line); update README"

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, models, normalizers
 from torch import nn
 
 # ==================================================================================================
@@ -44,7 +45,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 class T5GemmaEncoderConfig:
     """The encoder sub-config of t5gemma-9b-9b-ul2 (`config.json["encoder"]`, same field names).
 
-    Defaults are the released values (spec audio_text §3.1). Fields of config.json that do not change
+    Defaults are the released values (t5gemma-9b-9b-ul2's config.json). Fields of config.json that do not change
     the encoder's forward (dropout, initializer_range, use_cache, ...) are not listed and are ignored.
     """
 
@@ -288,8 +289,6 @@ class GemmaTokenizer:
     """
 
     def __init__(self, tokenizer, add_bos: bool = True, add_eos: bool = False):
-        from tokenizers import Tokenizer
-
         if isinstance(tokenizer, (str, Path)):
             path = Path(tokenizer)
             if not path.is_file():
@@ -331,8 +330,6 @@ def tiny_tokenizer():
     <0x00>..<0xFF>, then "▁" (space) and printable ASCII: 355 ids, fits a vocab of 512. No merges,
     so each ASCII character is one token and anything else falls back to its UTF-8 bytes.
     """
-    from tokenizers import Tokenizer, models, normalizers
-
     vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"])}
     vocab.update({f"<0x{b:02X}>": 4 + b for b in range(256)})
     for ch in ["▁"] + [chr(c) for c in range(33, 127)]:

@@ -7,15 +7,14 @@ Mirrors, in the official repository (GAIR-NLP/daVinci-MagiHuman):
 - `inference/model/sa_audio/*` (= Stability-AI/stable-audio-tools `autoencoders.py`, `blocks.py`,
   `bottleneck.py`): the Stable Audio Open 1.0 "Oobleck" audio VAE;
 - `inference/pipeline/video_process.py`: image crop, A2V audio chunking, the 51.2 -> 44.1 kHz resample.
-Facts: spec/video_vae.md, spec/audio_text.md §1-2, spec/sampling.md §5, §6, §9.
 
 Shapes: B batch, C channels, T frames (latent or pixel, said where it matters), H, W height, width,
 L audio length. Video is [-1, 1] on both sides of every VAE. Latents are *normalised* (the per-channel
-48 mean/std of §2.1 are applied inside encode/decode), as the DiT sees them.
+48 mean/std of the Wan2.2 VAE are applied inside encode/decode), as the DiT sees them.
 
 Wan keeps its official chunked, cached, causal computation (one latent frame per decoder call, as
 upstream); every cached conv is exactly a full-sequence causal conv, so `frames_per_chunk` can also
-decode everything in one call (spec video_vae §3.6; a test checks both agree). No file I/O here: the
+decode everything in one call (a test checks both agree). No file I/O here: the
 checkpoint readers are in load_weights.py.
 """
 
@@ -27,6 +26,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
+from scipy.signal import resample
 from torch import nn
 
 # ==================================================================================================
@@ -515,13 +516,11 @@ class WanVAE(nn.Module):
 
 
 def image_to_tensor(image, height: int, width: int) -> torch.Tensor:
-    """TI2V preprocessing of a PIL image (spec sampling §5) -> [1, 3, height, width] float32 in [-1, 1].
+    """TI2V preprocessing of a PIL image (`video_process.py` upstream) -> [1, 3, height, width] float32 in [-1, 1].
 
     EXIF transpose + RGB (diffusers `load_image`), centre crop to the target aspect ratio *without*
     resizing (`resizecrop`), then one LANCZOS resize (diffusers `VideoProcessor.preprocess`).
     """
-    from PIL import Image, ImageOps
-
     image = ImageOps.exif_transpose(image).convert("RGB")
     w, h = image.size
     if (w, h) != (width, height):
@@ -545,7 +544,7 @@ def image_to_tensor(image, height: int, width: int) -> torch.Tensor:
 @dataclass
 class TurboVAEDConfig:
     """Fields of the official `TurboVAED` config; defaults are `TurboV3-Wan22-TinyShallow_7_7.json`
-    (spec video_vae §4.1), *not* the class defaults, which describe another network.
+    (the released JSON), *not* the class defaults, which describe another network.
 
     Lists are in encoder order (widest last), as in the JSON; the decoder reverses them.
     """
@@ -1055,7 +1054,7 @@ class OobleckVAE(nn.Module):
     @torch.no_grad()
     def encode_a2v(self, mono: torch.Tensor, noise=None, window: int = A2V_WINDOW_SAMPLES) -> torch.Tensor:
         """A2V input audio [S] (mono, 51.2 kHz, int16-quantised by the ffmpeg load) -> latent [1, L, 64]
-        (spec sampling §6).
+        (`video_process.py` upstream).
 
         Up to `window` samples: one call, L = S // 2048. Longer: windows of `window` samples every
         window/2, each zero-padded at the end to full length and sampled with its own noise (drawn in
@@ -1111,7 +1110,5 @@ def resample_to_44k(audio: torch.Tensor) -> np.ndarray:
     Exactly the official `resample_audio_sinc(x, 441/512)`, which despite its name is
     `scipy.signal.resample`: the FFT method over the whole clip (periodic edges, Nyquist bin doubled).
     """
-    from scipy.signal import resample
-
     x = audio[0].detach().float().cpu().numpy().T  # 2 T -> T 2, time-major as post_process hands it over
     return resample(x, int(x.shape[0] * 441 / 512)).astype(np.float32, copy=False)
