@@ -452,7 +452,7 @@ def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu", quant="no
     shard, cast and moved to `device` at once, so host memory holds at most one shard's encoder part.
     About 18.5 GB in bf16: on a 24 GB card, encode on CPU (`device="cpu"`) or offload after encoding
     (`text_encoder.offload_text_encoder`), and use `cached_text_features` to skip it on later runs.
-    `quant` ("int8"/"fp8"): the layers' projections are quantized as read (about 9.8 GB in all).
+    `quant` ("int8"/"fp8"): the layers' projections are quantized as read (10.2 GB in all, `python bench.py --memory`).
     """
     weights_dir = Path(weights_dir)
     config = load_text_encoder_config(weights_dir)
@@ -775,24 +775,162 @@ def download(weights_dir, models=DIT_MODELS) -> None:
             raise CheckpointError(f"{repo}: repository not found (or not visible without logging in)") from None
 
 
+# ==================================================================================================
+# Saved-quantized checkpoints: `python load_weights.py quantize SRC DST --quant int8|fp8`
+# ==================================================================================================
+# DST is a folder in the DiT layout (`model.safetensors.index.json` + shards), which load_dit and
+# load_text_encoder read like any release: block linears as `<name>.weight` (int8 / float8_e4m3fn) +
+# `<name>.weight_scale` (float32), everything else as it was on disk. The index's metadata names the
+# mode. For a T5-Gemma folder only the encoder half is written, with its config and tokenizer files.
+
+QUANT_SHARD_BYTES = 4 << 30
+
+
+def _is_text_encoder_folder(src: Path) -> bool:
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and (str(cfg.get("model_type", "")).startswith("t5gemma") or "encoder" in cfg)
+
+
+def _quantize_sources(src: Path) -> tuple[dict[str, list[str]], str, list[Path]]:
+    """({file: [keys]}, source name, files to copy) of a DiT checkpoint or a T5-Gemma folder."""
+    if _is_text_encoder_folder(src):  # the text encoder: encoder keys only
+        index = src / "model.safetensors.index.json"
+        weight_map = read_weight_map(index) if index.is_file() else {k: "model.safetensors" for k in _safetensors_keys(src / "model.safetensors")}
+        names = _text_encoder_names(weight_map.keys(), str(src))
+        files: dict[str, list[str]] = {}
+        for name in names:
+            files.setdefault(str(src / weight_map[name]), []).append(name)
+        extra = [src / f for f in TEXT_FILES if f != "model.safetensors.index.json" and (src / f).is_file()]
+        return dict(sorted(files.items())), str(src), extra
+    files, source = dit_checkpoint_files(src)
+    return files, source, []
+
+
+def quantize_checkpoint(src, dst, mode: str, shard_bytes: int = QUANT_SHARD_BYTES, progress: bool = False) -> dict:
+    """Write the saved-quantized form of checkpoint `src` (DiT folder/file or T5-Gemma folder) to the
+    new folder `dst`. Reads one tensor at a time and holds at most one output shard (`shard_bytes`);
+    `dst` appears only when complete. Returns {"tensors", "quantized", "bytes_in", "bytes_out"}."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    quant.check_mode(mode)
+    if mode == "none":
+        raise ValueError("quantize needs --quant int8 or fp8")
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise CheckpointError(f"{dst}: already exists (choose a new folder)")
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"{dst.parent}: folder not found")
+    files, source, extra = _quantize_sources(src)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    stats = {"tensors": 0, "quantized": 0, "bytes_in": 0, "bytes_out": 0}
+    shard, shard_size, weight_map, shards = {}, 0, {}, []
+
+    def flush():
+        nonlocal shard, shard_size
+        if shard:
+            name = f"quantized-{len(shards) + 1:05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"quant": mode})
+            weight_map.update({k: name for k in shard})
+            shards.append(name)
+            shard, shard_size = {}, 0
+
+    total = sum(len(k) for k in files.values())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"quantize {mode}", unit="tensor")
+    try:
+        tmp.mkdir()
+        for path, keys in files.items():
+            with _tensor_reader(Path(path), keys) as get:
+                for name in keys:
+                    t = get(name)
+                    stats["tensors"] += 1
+                    stats["bytes_in"] += t.numel() * t.element_size()
+                    if quant.mode_of(t.dtype) is not None:
+                        raise CheckpointError(f"{path}: {name} is already quantized ({t.dtype}); quantize the float checkpoint")
+                    out = {name: t.contiguous()}
+                    if quant.is_block_linear_weight(name, t.shape) and t.is_floating_point():
+                        q, s = quant.quantize_weight(t, mode)
+                        out = {name: q, name + quant.SCALE_SUFFIX: s}
+                        stats["quantized"] += 1
+                    for k, v in out.items():
+                        shard[k] = v
+                        shard_size += v.numel() * v.element_size()
+                        stats["bytes_out"] += v.numel() * v.element_size()
+                    if shard_size >= shard_bytes:
+                        flush()
+                    if bar is not None:
+                        bar.update(1)
+        flush()
+        meta = {"quant": mode, "quantized_from": source, "total_size": str(stats["bytes_out"])}
+        (tmp / DIT_INDEX).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1))
+        for f in extra:
+            shutil.copy2(f, tmp / f.name)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return stats
+
+
+def checkpoint_quant_mode(folder) -> str:
+    """"int8"/"fp8" for a folder written by quantize_checkpoint, "none" otherwise (from the index)."""
+    index = Path(folder) / DIT_INDEX
+    if not index.is_file():
+        return "none"
+    try:
+        return json.loads(index.read_text()).get("metadata", {}).get("quant", "none")
+    except (OSError, ValueError, AttributeError):
+        return "none"
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
+    import time
 
     parser = argparse.ArgumentParser(
-        prog="load_weights.py", description="Fetch the released weights into a folder (needs huggingface_hub).")
+        prog="load_weights.py", description="Fetch the released weights into a folder (needs huggingface_hub), "
+                                            "or write an 8-bit copy of a DiT / text-encoder checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="download the files sample.py needs into DIR")
     d.add_argument("dir", help="weights folder (sample.py's --weights)")
     d.add_argument("--models", default=",".join(DIT_MODELS),
                    help=f"comma-separated DiTs to fetch (default: all of {','.join(DIT_MODELS)})")
+    q = sub.add_parser("quantize", help="write SRC (a DiT folder or the T5-Gemma folder) with 8-bit block linears to DST",
+                       description="Quantize the block linears of a DiT checkpoint (any official layout) or of the "
+                                   "T5-Gemma encoder to int8 or fp8 (per-output-channel scales) and write them to the "
+                                   "new folder DST, which load_dit / load_text_encoder (and sample.py --quant) read "
+                                   "directly. To use it in a weights folder, put DST in place of the original.")
+    q.add_argument("src", help="e.g. weights/daVinci-MagiHuman/distill or weights/t5gemma-9b-9b-ul2")
+    q.add_argument("dst", help="new folder to create")
+    q.add_argument("--quant", choices=["int8", "fp8"], required=True, help="storage of the block linears")
     args = parser.parse_args(argv)
     try:
-        download(args.dir, [m for m in args.models.split(",") if m])
-    except (CheckpointError, ValueError) as e:
+        if args.command == "download":
+            download(args.dir, [m for m in args.models.split(",") if m])
+            print(f"weights ready in {args.dir}")
+        else:
+            start = time.perf_counter()
+            st = quantize_checkpoint(args.src, args.dst, args.quant, progress=True)
+            print(f"wrote {args.dst}: {st['quantized']} of {st['tensors']} tensors in {args.quant}, "
+                  f"{st['bytes_in'] / 1e9:.2f} GB -> {st['bytes_out'] / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"weights ready in {args.dir}")
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return 2
     return 0
 
 
