@@ -415,7 +415,8 @@ def main(argv=None) -> int:
             rows = run_stages(args, device, dtype)
             for r in rows:  # the official figures are for the full model on an H100: no ratio here
                 r.official_ms = None
-            tables.append(format_table(rows, f"CPU, tiny configs, {'compiled' if compiled else 'eager'}"))
+            quant_note = f", quant={args.quant}" if args.quant != "none" else ""
+            tables.append(format_table(rows, f"CPU, tiny configs, {'compiled' if compiled else 'eager'}{quant_note}"))
         print("\n\n".join(tables))
         return 0
 

@@ -2443,7 +2443,8 @@ cfg = model.DiTConfig(**json.loads(sys.argv[3]))
 tiny = model.dit_config("tiny")
 load_weights.dit_from_state_dict(model.init_random_(model.DiT(tiny)).state_dict(), tiny, "warm-up", quant=sys.argv[4])
 from safetensors import safe_open
-with safe_open(sys.argv[2] + "/model.safetensors", framework="pt") as f:
+import glob
+with safe_open(sorted(glob.glob(sys.argv[2] + "/*.safetensors"))[0], framework="pt") as f:
     f.get_tensor(next(iter(f.keys())))
 base, peak, done = anon(), [0], [False]
 def watch():
