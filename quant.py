@@ -13,10 +13,10 @@ scale s = max|w_row| / qmax:
     fp8   q = float8_e4m3fn(w / s), |q| <= 448
 
 The forward dequantises on the fly: y = (x @ q^T) * s, with q cast to the compute dtype (exact:
-int8 and e4m3 values are all bf16 numbers) and the per-channel scale applied to the output, so no
-full-size bf16 weight is ever materialised outside the GEMM's own input. This is one path for every
-device; the fp8 tensor-core GEMM on H100 (torch._scaled_mm, which also needs fp8 activations) is
-not wired up or measured here: no GPU was lent to the session that wrote this.
+int8 and e4m3 values are all bf16 numbers) and the per-channel scale applied to the output, so a
+bf16 copy of one linear's weight lives only for the duration of its GEMM. This is one path for
+every device; the fp8 tensor-core GEMM on H100 (torch._scaled_mm, which also needs fp8
+activations) is not wired up or measured here: no GPU was lent to the session that wrote this.
 
 Why hand-written and not torchao: torchao 0.18.0 (the release for torch 2.13) installs and its
 int8/fp8 weight-only configs run on CPU, but (1) its quantized weight is a tensor subclass without
