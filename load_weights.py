@@ -12,6 +12,10 @@ be the worst failure mode.
 Models are built on the `meta` device and loaded with `assign=True`, so a 15B model never exists
 twice in host memory and no time is spent on a random initialisation that is thrown away.
 Pickled files are only ever read with `torch.load(weights_only=True)`.
+
+`--quant int8|fp8` (quant.py): the DiT and text-encoder loaders quantize the block linears tensor by
+tensor as they are read, and `python load_weights.py quantize SRC DST --quant int8` writes the
+saved-quantized form they read directly (section at the end).
 """
 
 from __future__ import annotations
