@@ -74,15 +74,15 @@ def quantize_weight(w: torch.Tensor, mode: str, rows_per_chunk: int = 2048) -> t
     q = torch.empty(w.shape, dtype=STORAGE[mode], device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for r in range(0, w.shape[0], rows_per_chunk):
-        part = w[r:r + rows_per_chunk].float()  # [rows, in]
-        s = part.abs().amax(dim=1) / QMAX[mode]  # [rows]
+        part = w[r:r + rows_per_chunk].to(torch.float32, copy=True)  # [rows, in]; own copy (changed in place)
+        lo, hi = torch.aminmax(part, dim=1)  # max |w| without an |w| temporary
+        s = torch.maximum(hi, -lo) / QMAX[mode]  # [rows]
         s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: any scale, q = 0
-        part = part / s[:, None]
+        part.div_(s[:, None])
         if mode == "int8":
-            part = part.round_().clamp_(-127, 127)
-        else:
-            part = part.clamp_(-448, 448)
-        q[r:r + rows_per_chunk] = part.to(q.dtype)
+            part.round_()
+        part.clamp_(-QMAX[mode], QMAX[mode])
+        q[r:r + rows_per_chunk].copy_(part)
         scale[r:r + rows_per_chunk] = s
     return q, scale
 

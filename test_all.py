@@ -2290,7 +2290,9 @@ def test_quantize_weight_error_per_element(mode):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 70, generator=g) * torch.logspace(-3, 1, 300)[:, None]  # rows of very different size
     w[5] = 0  # an all-zero row stays zero
+    w0 = w.clone()
     q, s = quant.quantize_weight(w, mode, rows_per_chunk=64)  # several chunks
+    assert torch.equal(w, w0)  # the source (a checkpoint tensor) is left alone
     assert q.dtype == quant.STORAGE[mode] and s.shape == (300,) and s.dtype == torch.float32
     back = quant.dequantize_weight(q, s)
     err = (back - w).abs() / s[:, None]  # in units of the row's step
@@ -2500,7 +2502,7 @@ def test_quantized_load_never_holds_a_bf16_model(tmp_path):
     # The int8 model plus per-tensor temporaries (the largest fp32 tensor is 22 MB), far from
     # int8 + bf16 (= 1.5x bf16 bytes) that a whole bf16 copy would need.
     assert q["peak"] < q["resident"] + 0.4 * bf16_bytes, res
-    assert q["peak"] < 0.75 * res["none"]["peak"], res  # measured: 75 MB vs 132 MB
+    assert q["peak"] < 0.75 * res["none"]["peak"], res  # measured: 75-80 MB vs 132 MB
 
 
 def test_layer_streaming_quantized_equals_resident():
