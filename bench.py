@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+import load_weights
 import model as dit_lib
 import quant
 import sample
@@ -375,7 +376,7 @@ def scaling(args, argv) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = load_weights.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny size (eager, then compiled)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--reps", type=int, default=None, help="timed runs per stage (median; default 3, tiny 2)")
@@ -393,6 +394,10 @@ def main(argv=None) -> int:
     bad = sorted(set(args.stages) - set(STAGES))
     if bad:
         p.error(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
+    if args.reps is not None and args.reps < 1 or args.warmup < 0 or args.nproc < 1:
+        p.error("--reps and --nproc must be >= 1, --warmup >= 0")
+    if args.json_out:
+        load_weights.check_output_path(args.json_out, "--json-out")
     args.reps = args.reps or (2 if args.tiny else 3)
     torch.set_grad_enabled(False)  # inference only: no autograd graphs, no saved activations
     if args.memory:
@@ -450,7 +455,8 @@ def main(argv=None) -> int:
             from pathlib import Path
 
             rows_json = [{"stage": r.stage, "ms": r.ms, "peak_gib": r.peak_gib} for r in rows]
-            Path(args.json_out).write_text(json.dumps({"device": name, "world": world, "rows": rows_json}))
+            text = json.dumps({"device": name, "world": world, "rows": rows_json})
+            load_weights.atomic_write(Path(args.json_out), lambda tmp: Path(tmp).write_text(text))
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -458,4 +464,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Bad flags, Ctrl-C, SIGTERM, out of memory: one line on stderr, exit status 2.
+    raise SystemExit(load_weights.guarded(main))

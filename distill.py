@@ -37,7 +37,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,6 +115,27 @@ class DistillConfig:
             raise ValueError("steps, critic_ratio and batch_size must all be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        # Every other knob a user can type: finite, and in the range where the formulas mean something.
+        for name, value in asdict(self).items():
+            for v in (value if isinstance(value, tuple) else (value,)):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{name} must be a finite number, got {v}")
+        for lo, hi, what in ((self.grid_sigma_max, None, "grid_sigma_max"), (self.dmd_sigma_min, self.dmd_sigma_max, "dmd"),
+                             (self.critic_sigma_min, self.critic_sigma_max, "critic")):
+            if hi is None and not 0 < lo <= 1:
+                raise ValueError(f"{what} must be in (0, 1], got {lo}")
+            if hi is not None and not 0 <= lo < hi <= 1:
+                raise ValueError(f"{what}_sigma_min/max must satisfy 0 <= min < max <= 1, got {lo}, {hi}")
+        if min(self.grid_shift, self.dmd_shift, self.critic_shift, self.grad_clip) <= 0:
+            raise ValueError("the shifts and grad_clip must be > 0")
+        if min(self.lr_generator, self.lr_critic, self.weight_decay, self.video_weight, self.audio_weight,
+               self.gan_gen_weight, self.gan_disc_weight, self.critic_lora_rank, self.critic_lora_alpha,
+               self.ema_start, self.gan_layer) < 0:
+            raise ValueError("learning rates, weights, decays, critic_lora_rank/alpha, ema_start and gan_layer must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.gan_hidden < 1 or not 0 <= self.cfg_switch_t <= 1000 or not 0 <= self.seed < 2**63:
+            raise ValueError("gan_hidden must be >= 1, cfg_switch_t in [0, 1000], seed in [0, 2**63)")
 
 
 # ==================================================================================================
@@ -974,7 +994,11 @@ def read_prompts(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: prompt file not found")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts (one per line expected)")
     return prompts
@@ -1013,7 +1037,7 @@ def read_text_features(path, prompts: list, text_channels: int) -> PromptBank:
     return PromptBank([tensors[f"prompt_{i:06d}"] for i in range(len(prompts))], tensors["negative"])
 
 
-def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: int = 0):
+def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: int = 0, text_channels: int | None = None):
     """Encode every prompt and the negative prompt once with T5-Gemma (as sample.py does: whole
     prompt, bf16 -> fp16 -> fp32, at most 640 rows) and cache them at `path`. Rank 0 encodes, the
     others wait for the file; the 9B encoder is freed before training starts."""
@@ -1028,6 +1052,10 @@ def encode_text_features(path, prompts: list, device, text_encoder_dir, rank: in
         feats = [te.encode_prompt(enc, tok, p)[0][0].cpu() for p in prompts]  # [n_i, C] each
         negative = te.encode_prompt(enc, tok, te.NEGATIVE_PROMPT)[0][0].cpu()
         del enc
+        if text_channels is not None and negative.shape[1] != text_channels:
+            # checked before the cache is written: a wrong cache would fail every later run too
+            raise ValueError(f"{text_encoder_dir}: the text encoder gives {negative.shape[1]} features per "
+                             f"token, the DiT reads {text_channels}; is this the t5gemma-9b-9b-ul2 folder?")
         path.parent.mkdir(parents=True, exist_ok=True)
         # Other ranks (and later runs) only ever see a complete file.
         load_weights.atomic_write(path, lambda tmp: write_text_features(tmp, prompts, feats, negative))
@@ -1091,6 +1119,13 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
     DistillConfig fields."""
     from tqdm import tqdm
 
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise load_weights.InputError(f"--seconds must be a positive number, got {seconds}")
+    latent_shapes(seconds, width, height)  # refuses sizes under 32 px
+    if not tiny_random:
+        _check_inputs(teacher, prompts, text_features, out)
+    elif os.path.lexists(out) and not Path(out).is_dir():
+        raise load_weights.InputError(f"--out {out}: exists and is not a folder")
     rank, world, mesh, device = init_distributed(device)
     cfg = DistillConfig(**overrides)
     if cfg.gan_layer < 0:
@@ -1122,7 +1157,7 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
             if not (text_dir / "config.json").is_file():
                 raise ValueError(f"{features} does not exist and no text encoder was found at {text_dir}: "
                                  "pass --text-encoder DIR (the t5gemma-9b-9b-ul2 folder) or --text-features FILE")
-            encode_text_features(features, texts, device, text_dir, rank)
+            encode_text_features(features, texts, device, text_dir, rank, dit_cfg.text_in_channels)
         bank = read_text_features(features, texts, dit_cfg.text_in_channels)
         if cfg.gan:
             if gan_data is None:
@@ -1152,6 +1187,21 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
     return d
 
 
+def _check_inputs(teacher, prompts, text_features, out) -> None:
+    """Every path and size of a real run, checked before a network is built or a file written."""
+    if teacher is None or prompts is None:
+        raise load_weights.InputError("--teacher and --prompts are required (or use --tiny-random)")
+    if not Path(teacher).is_dir():
+        raise load_weights.InputError(f"--teacher {teacher}: folder not found (the released base model's folder)")
+    load_weights.dit_checkpoint_files(teacher)  # names the missing index/shard if the folder is not a checkpoint
+    if os.path.lexists(out) and not Path(out).is_dir():
+        raise load_weights.InputError(f"--out {out}: exists and is not a folder")
+    if not Path(out).is_dir() and not Path(out).absolute().parent.is_dir():
+        raise load_weights.InputError(f"--out {out}: folder {Path(out).absolute().parent} does not exist")
+    if text_features is not None and os.path.lexists(text_features) and not Path(text_features).is_file():
+        raise load_weights.InputError(f"--text-features {text_features}: not a regular file")
+
+
 def read_real_data(path, shapes, text_channels: int) -> RealData:
     """GAN data file: `video` [M, 48, T, h, w], `audio` [M, N, 64], `text` [M, L, C], `text_len` [M]."""
     t = load_weights.read_safetensors(path)
@@ -1168,7 +1218,7 @@ def read_real_data(path, shapes, text_channels: int) -> RealData:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DMD-2 distillation of the daVinci-MagiHuman DiT into an "
+    p = load_weights.OneLineParser(description="DMD-2 distillation of the daVinci-MagiHuman DiT into an "
                                 "8-step CFG-free student. Multi-GPU: torchrun --nproc-per-node N distill.py ...")
     p.add_argument("--teacher", help="teacher DiT checkpoint folder (the released base model)")
     p.add_argument("--prompts", help="text file, one prompt per line")
@@ -1201,9 +1251,13 @@ def parse_args(argv=None):
     return args
 
 
+def cli(argv=None) -> int:
+    """The command line: bad input (every ValueError here is one), a full disk, Ctrl-C or SIGTERM give
+    one line on stderr and exit status 2; checkpoints are written atomically."""
+    args = parse_args(argv)
+    return load_weights.guarded(lambda: main(**vars(args)) and None, user_errors=(ValueError,),
+                                interrupted=lambda: "interrupted: checkpoints saved so far are complete (--resume continues)")
+
+
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        main(**vars(args))
-    except (ValueError, load_weights.CheckpointError) as e:  # bad input: one line, no traceback
-        sys.exit(f"distill.py: error: {e}")
+    raise SystemExit(cli())

@@ -16,10 +16,15 @@ Pickled files are only ever read with `torch.load(weights_only=True)`.
 `--quant int8|fp8` (quant.py): the DiT and text-encoder loaders quantize the block linears tensor by
 tensor as they are read, and `python load_weights.py quantize SRC DST --quant int8` writes the
 saved-quantized form they read directly (section at the end).
+
+It also holds the few file and command-line helpers every entry point shares (sample.py, distill.py,
+bench.py, this file): atomic all-or-none writes, output/input path checks, `--device` parsing and
+`guarded`, which turns bad input, a full disk, Ctrl-C or SIGTERM into one line and exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -97,17 +102,202 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+def _refuse_non_regular(path: Path) -> None:
+    # The rename below replaces whatever sits at `path`: only ever a regular file (or nothing), never
+    # a device node (`--out /dev/null` as root), a folder or a fifo.
+    if os.path.lexists(path) and not Path(path).is_file():
+        raise InputError(f"{path}: exists and is not a regular file; refusing to replace it")
+
+
+def atomic_write_all(items) -> None:
+    """`items`: [(path, write)]. Run every `write(tmp_path)`, then rename all results into place.
+    All or none: on any failure (Ctrl-C, SIGTERM through `sigterm_as_interrupt`, a full disk) every
+    temporary file is removed, and so is any output already renamed, so readers never see half a
+    file or half of a run's files."""
+    items = [(Path(p), w) for p, w in items]
+    tmps, done = [], []
+    try:
+        for path, write in items:
+            tmps.append(_tmp_name(path))
+            write(tmps[-1])
+        for path, _ in items:
+            _refuse_non_regular(path)
+        for (path, _), tmp in zip(items, tmps):
+            os.replace(tmp, path)
+            done.append(path)
+    except BaseException as e:
+        for p in tmps + done:
+            p.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is not None:  # name the output, not its removed temp
+            names = {str(t): str(p) for t, (p, _) in zip(tmps, items)}
+            e.filename = names.get(str(e.filename), e.filename)
+        raise
+
+
 def atomic_write(path, write) -> None:
     """Run `write(tmp_path)` and rename the result to `path`; on any failure (Ctrl-C included) the
     temporary file is removed and `path` is left as it was, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    atomic_write_all([(path, write)])
+
+
+# ==================================================================================================
+# Command-line plumbing shared by every entry point (sample.py, distill.py, bench.py, this file)
+# ==================================================================================================
+# The promise: bad input is one line on stderr and exit status 2, never a traceback, never a
+# half-written or clobbered file. Each entry point validates everything it can before building a
+# network, and its main runs inside `guarded`, which turns what is left (a full disk, Ctrl-C,
+# SIGTERM, a file that turns out unreadable half-way) into that one line.
+
+
+class InputError(ValueError):
+    """Bad user input (a flag, a file, a size): reported as one line on stderr with exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def check_output_path(path, flag: str) -> Path:
+    """An output path a user gave: an existing regular file (replaced atomically) or a new name in an
+    existing folder we may write to. Symlinks are followed (the file they name is written). Returns
+    the resolved path, so two flags naming one file can be told apart (`check_distinct`)."""
+    text = str(path)
+    if not text:
+        raise InputError(f"{flag}: empty file name")
+    real = Path(os.path.realpath(text))
+    if os.path.lexists(real) and not real.is_file():
+        kind = "a folder" if real.is_dir() else "not a regular file (a device, fifo or socket)"
+        raise InputError(f"{flag} {text}: {kind}; give the name of a file to write")
+    if not real.parent.is_dir():
+        raise InputError(f"{flag} {text}: folder {real.parent} does not exist")
+    if not os.access(real.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {text}: folder {real.parent} is not writable")
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        name_max = os.pathconf(real.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    extra = len(os.fsencode(_tmp_name(real).name)) - len(os.fsencode(real.name))
+    if len(os.fsencode(real.name)) + extra > name_max:  # the temporary name must fit too
+        raise InputError(f"{flag} {text}: file name too long (at most {name_max - extra} bytes here)")
+    return real
+
+
+def check_distinct(outputs: dict) -> None:
+    """`outputs`: {flag: resolved path}. Two outputs of one run must never be the same file."""
+    seen = {}
+    for flag, p in outputs.items():
+        key = p
+        if p.exists():
+            st = p.stat()
+            key = (st.st_dev, st.st_ino)  # hard links too
+        if key in seen:
+            raise InputError(f"{flag} and {seen[key]} name the same file {p}; give two different names")
+        seen[key] = flag
+
+
+def check_input_file(path, flag: str, max_bytes: int | None = None) -> Path:
+    """An input file a user gave: it must exist and be a regular file (a fifo or /dev/stdin would
+    block, a folder would fail later with a worse message)."""
+    p = Path(str(path))
+    if not p.exists():
+        raise InputError(f"{flag} {path}: file not found")
+    if not p.is_file():
+        raise InputError(f"{flag} {path}: not a regular file")
+    if max_bytes is not None and p.stat().st_size > max_bytes:
+        raise InputError(f"{flag} {path}: {p.stat().st_size / 1e6:.1f} MB, more than the {max_bytes / 1e6:g} MB allowed")
+    return p
+
+
+def available_memory(device) -> int:
+    """Bytes a run can use: total memory of a CUDA device, else the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_device(text: str | None) -> torch.device:
+    """--device: cpu, cuda or cuda:N (default: cuda when available); refused if it is not there."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {text}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {text}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {text}: no CUDA device on this machine (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While inside: SIGTERM (kill, a job scheduler's timeout) raises KeyboardInterrupt like Ctrl-C,
+    so `atomic_write_all` removes its temporary files instead of dying with them on disk."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def one_line(text) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return " ".join(lines) if lines else "(no message)"
+
+
+def guarded(body, user_errors=(InputError, ), interrupted=lambda: "interrupted: no output written") -> int:
+    """Run `body()` (returns an exit status or None) and turn what a user can cause into one line on
+    stderr and exit status 2: `user_errors` (bad input; CheckpointError is always one), OS errors
+    (a full disk, a file that vanished, no network), running out of memory, Ctrl-C and SIGTERM.
+    `interrupted()` gives the line for Ctrl-C/SIGTERM (it can say what was already written)."""
+    import sys
+
+    with sigterm_as_interrupt():
+        try:
+            status = body()
+            return 0 if status is None else status
+        except (CheckpointError, *user_errors) as e:
+            message = f"error: {one_line(e)}"
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            message = (f"error: out of memory ({one_line(e) if str(e) else 'host memory'}): lower --size, "
+                       "--seconds or --sr, or use --offload model/layers on a GPU")
+        except OSError as e:
+            what = e.strerror or one_line(e)
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            message = f"error: {what}{where}"
+        except KeyboardInterrupt:
+            message = interrupted()
+    print(message, file=sys.stderr)
+    return 2
 
 
 def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -427,7 +617,8 @@ def _finish_text_encoder(config, sd: dict, dtype, device, source: str, quant_mod
     return load_state_dict_strict(module, sd, source + TEXT_KEYS_NOTE).eval()
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
@@ -454,8 +645,8 @@ def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu", quant="no
 
     bf16 by default (as the official pipeline runs it); float32 on request. Tensors are read shard by
     shard, cast and moved to `device` at once, so host memory holds at most one shard's encoder part.
-    About 18.5 GB in bf16: on a 24 GB card, encode on CPU (`device="cpu"`) or offload after encoding
-    (`text_encoder.offload_text_encoder`), and use `cached_text_features` to skip it on later runs.
+    About 18.5 GB in bf16: on a 24 GB card, encode on CPU (`device="cpu"`) or move it off the card
+    after encoding (sample.Models does), and use `cached_text_features` to skip it on later runs.
     `quant` ("int8"/"fp8"): the layers' projections are quantized as read (10.2 GB in all, `python bench.py --memory`).
     """
     weights_dir = Path(weights_dir)
@@ -765,7 +956,12 @@ def download(weights_dir, models=DIT_MODELS) -> None:
             "downloading needs huggingface_hub: pip install huggingface_hub==2.4.0 "
             "(or fetch the files listed in README.md by hand into " + str(weights_dir) + ")") from None
     weights_dir = Path(weights_dir)
-    for repo, patterns in download_patterns(models).items():
+    patterns_by_repo = download_patterns(models)  # refuses unknown model names before any network use
+    if os.path.lexists(weights_dir) and not weights_dir.is_dir():
+        raise InputError(f"{weights_dir}: exists and is not a folder")
+    if not weights_dir.is_dir() and not weights_dir.parent.is_dir():
+        raise InputError(f"{weights_dir}: its parent folder {weights_dir.parent} does not exist")
+    for repo, patterns in patterns_by_repo.items():
         local = weights_dir / REPOS[repo]
         try:
             snapshot_download(repo, local_dir=local, allow_patterns=patterns)
@@ -777,6 +973,11 @@ def download(weights_dir, models=DIT_MODELS) -> None:
                                   "then log in with `hf auth login` and run this again") from None
         except RepositoryNotFoundError:
             raise CheckpointError(f"{repo}: repository not found (or not visible without logging in)") from None
+        except (CheckpointError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # no network, a proxy, a full disk: huggingface_hub/httpx raise many kinds
+            raise CheckpointError(f"cannot download {repo} ({type(e).__name__}: {_first_line(e)}); check the "
+                                  "network (or HF_ENDPOINT), or fetch the files listed in README.md by hand") from None
 
 
 # ==================================================================================================
@@ -899,11 +1100,9 @@ def checkpoint_quant_mode(folder) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
-    import sys
     import time
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="load_weights.py", description="Fetch the released weights into a folder (needs huggingface_hub), "
                                             "or write an 8-bit copy of a DiT / text-encoder checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -920,22 +1119,23 @@ def main(argv=None) -> int:
     q.add_argument("dst", help="new folder to create")
     q.add_argument("--quant", choices=["int8", "fp8"], required=True, help="storage of the block linears")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "download":
-            download(args.dir, [m for m in args.models.split(",") if m])
-            print(f"weights ready in {args.dir}")
-        else:
+
+    def body():
+        if args.command == "quantize":
             start = time.perf_counter()
             st = quantize_checkpoint(args.src, args.dst, args.quant, progress=True)
             print(f"wrote {args.dst}: {st['quantized']} of {st['tensors']} tensors in {args.quant}, "
                   f"{st['bytes_in'] / 1e9:.2f} GB -> {st['bytes_out'] / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing written", file=sys.stderr)
-        return 2
-    return 0
+            return
+        models = [m for m in args.models.split(",") if m]
+        if not models:
+            raise InputError("--models is empty: name at least one of " + ",".join(DIT_MODELS))
+        download(args.dir, models)
+        print(f"weights ready in {args.dir}")
+
+    interrupted = {"download": "interrupted: the download stopped (run the command again to resume it)",
+                   "quantize": "interrupted: nothing written"}[args.command]
+    return guarded(body, user_errors=(InputError, ValueError), interrupted=lambda: interrupted)
 
 
 if __name__ == "__main__":

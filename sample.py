@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from load_weights import atomic_write
+import load_weights as lw
+from load_weights import InputError, atomic_write_all
 
 # ==================================================================================================
 # Settings (official EvaluationConfig, inference/common/config.py) and the example presets
@@ -45,13 +46,14 @@ from load_weights import atomic_write
 
 @dataclass
 class SampleConfig:
-    """Sampling settings; field names and defaults are the official `EvaluationConfig`'s."""
+    """Sampling settings; field names and defaults are the official `EvaluationConfig`'s. Two of its
+    fields live where they are used: `t5_gemma_target_length` is text_encoder.TEXT_MAX_LEN (640) and
+    `use_turbo_vae` is `Request.vae` ("turbo", the official default, or "wan")."""
 
     fps: int = 25
     num_inference_steps: int = 32  # base pass
     video_txt_guidance_scale: float = 5.0  # base video CFG while t > 500 (2.0 after, hard-coded)
     audio_txt_guidance_scale: float = 5.0  # audio CFG, constant
-    t5_gemma_target_length: int = 640  # prompts are truncated at this many tokens
     shift: float = 5.0  # timestep shift, base and SR
     cfg_number: int = 2  # 1: cond pass only (-> step_ddim, the distilled model); 2: cond + uncond
     sr_cfg_number: int = 2  # the same for the SR pass (never step_ddim there)
@@ -63,7 +65,6 @@ class SampleConfig:
     cfg_trick_start_frame: int = 13  # ... this many, counted in latent frames ...
     cfg_trick_value: float = 2.0  # ... at this value
     sr_audio_noise_scale: float = 0.7  # SR audio input = 0.7 * noise + 0.3 * base audio
-    use_turbo_vae: bool = True  # decode with TurboVAED rather than the Wan2.2 decoder
 
 
 # The four example configs (example/*/config.json), under the names of model.DIT_PRESETS so one
@@ -445,70 +446,114 @@ OUT_RATE = 44100  # the rate of the written audio (the VAE's true training rate)
 SR_SHORT_SIDE = {"540p": 512, "1080p": 1088}  # SR target of the shorter side (official 896x512, 1920x1088)
 
 
-class InputError(ValueError):
-    """Bad user input: reported as one line on stderr with exit status 2."""
+# InputError (load_weights.py) is bad user input: one line on stderr, exit status 2.
+PROMPT_FILE_MAX_BYTES = 1_000_000  # a prompt is a paragraph or two; anything bigger is a wrong file
+MIN_IMAGE_SIDE = 32  # smaller reference images carry no usable picture after the crop and resize
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
     """'WxH' -> (W, H) in pixels."""
     try:
-        w, h = (int(v) for v in str(text).lower().split("x"))
+        w, h = (int(v) for v in str(text).strip().lower().split("x"))
     except ValueError:
-        raise InputError(f"--size must look like 448x256 (width x height in pixels), got {text!r}") from None
+        raise InputError(f"{flag} must look like 448x256 (width x height in pixels), got {text!r}") from None
     if w < 32 or h < 32:
-        raise InputError(f"--size {w}x{h} is too small: width and height must be at least 32 px")
+        raise InputError(f"{flag} {w}x{h} is too small: width and height must be at least 32 px")
     return w, h
 
 
+def floored_size(width: int, height: int) -> tuple[int, int]:
+    """The pixel size a request really runs at: floored to multiples of 32 (480x272 -> 480x256)."""
+    lh, lw = latent_size(width, height)
+    return VAE_STRIDE[2] * lw, VAE_STRIDE[1] * lh
+
+
 def sr_size_for(width: int, height: int, sr: str) -> tuple[int, int]:
-    """SR pixel size: the shorter side becomes 512 (540p) or 1088 (1080p), the other scales with it,
-    rounded to a multiple of 32 (448x256 -> 896x512 and 1920x1088, the official pairs)."""
+    """SR pixel size: the shorter side of the base size *as run* (floored to multiples of 32) becomes
+    512 (540p) or 1088 (1080p), the other side scales with it, rounded to a multiple of 32:
+    448x256 -> 896x512 / 1920x1088 (the official pairs), 480x272 (runs as 480x256) -> 960x512 /
+    2048x1088. Scaling the requested size instead would squeeze the picture (480x272 -> 896x512)."""
+    width, height = floored_size(width, height)
     short = SR_SHORT_SIDE[sr]
     scale = short / min(width, height)
-    other = int(round(max(width, height) * scale / 32)) * 32
+    other = int(max(width, height) * scale / 32 + 0.5) * 32  # half up, explicitly
     return (other, short) if width >= height else (short, other)
+
+
+def read_prompt_file(path) -> str:
+    """The prompt as the official scripts pass it, `"$(<prompt.txt)"`: UTF-8 text with the trailing
+    newlines removed (the shell strips them; every other character, spaces and CRs too, is kept)."""
+    p = lw.check_input_file(path, "--prompt-file", PROMPT_FILE_MAX_BYTES)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--prompt-file {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return text.rstrip("\n")
 
 
 def read_image(path):
     """The TI2V reference image as a PIL RGB image (EXIF orientation applied later, in vae.py)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    lw.check_input_file(path, "--image")
     try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise InputError(f"--image {path}: file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # > 89 Mpx: refuse, do not warn
+            image = Image.open(path)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"--image {path}: over {Image.MAX_IMAGE_PIXELS:,} pixels (PIL's decompression-bomb "
+                         "limit); scale it down first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"--image {path}: not a readable image ({e.__class__.__name__})") from None
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # PIL's convert("RGB") (what upstream's loader runs) clips these to 0..255: a white or black frame.
+        raise InputError(f"--image {path}: a {image.mode} (16/32-bit or float) image; save it as 8-bit RGB")
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise InputError(f"--image {path}: {image.size[0]}x{image.size[1]} px; width and height must be at "
+                         f"least {MIN_IMAGE_SIDE} px")
     return image
 
 
 def read_audio(path, seconds: float | None) -> torch.Tensor:
     """An audio file -> mono float32 [S] at 51.2 kHz, quantised to int16 first, as the official
     `whisper.load_audio(path, sr=51200)` does with the ffmpeg CLI. PyAV runs the same FFmpeg
-    resampler (libswresample) that the CLI uses by default. Trimmed to `seconds`, never padded."""
+    resampler (libswresample) that the CLI uses by default. Trimmed to `seconds` (as upstream),
+    never padded; an MP4/M4A's declared duration is honoured (the CLI applies the container's end
+    trim, PyAV's decoder does not: AAC would come out ~10 ms long, sometimes one latent more)."""
     import av
 
+    lw.check_input_file(path, "--audio")
     try:
         container = av.open(str(path))
-    except FileNotFoundError:
-        raise InputError(f"--audio {path}: file not found") from None
-    except (av.error.FFmpegError, OSError) as e:
+    except (av.error.FFmpegError, OSError, ValueError) as e:
         raise InputError(f"--audio {path}: not a readable audio file ({e.__class__.__name__})") from None
     with container:
         if not container.streams.audio:
             raise InputError(f"--audio {path}: the file has no audio stream")
+        stream = container.streams.audio[0]
+        keep = None if seconds is None else int(seconds * AUDIO_RATE)
+        if "mp4" in container.format.name and stream.duration and stream.time_base:
+            declared = int(round(float(stream.duration * stream.time_base) * AUDIO_RATE))
+            keep = declared if keep is None else min(keep, declared)
         resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
-        chunks = []
+        chunks, have = [], 0
         try:
-            for frame in container.decode(audio=0):
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # flush
-        except av.error.FFmpegError as e:
+            for frame in container.decode(stream):
+                for f in resampler.resample(frame):
+                    chunks.append(f.to_ndarray().reshape(-1))
+                    have += len(chunks[-1])
+                if keep is not None and have >= keep:
+                    break  # a long file is not decoded past what is used
+            else:
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # flush
+        except (av.error.FFmpegError, ValueError) as e:
             raise InputError(f"--audio {path}: cannot decode the audio ({e.__class__.__name__})") from None
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
-    if seconds is not None:
-        pcm = pcm[: int(seconds * AUDIO_RATE)]
+    if keep is not None:
+        pcm = pcm[:keep]
     if len(pcm) < 2048:
         raise InputError(f"--audio {path}: shorter than one audio latent (2048 samples at 51.2 kHz, 40 ms)")
     return torch.from_numpy(pcm.astype(np.float32) / 32768.0)  # int16 / 32768, as upstream
@@ -526,43 +571,64 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return (x.permute(1, 2, 3, 0) * 255).cpu().numpy().astype(np.uint8)  # F H W 3
 
 
-def write_mp4(path, frames: np.ndarray, audio: np.ndarray | None, fps: int = 25) -> None:
-    """frames uint8 [F, H, W, 3], audio float32 [N, 2] at 44.1 kHz -> one mp4: H.264 yuv420p + AAC.
+# Output containers by file extension: each holds H.264 + AAC as written here. Anything else is
+# refused rather than written as MP4 data under a misleading name.
+CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
+# libx264 picks its thread count from the machine's cores, and the count changes the bitstream: a
+# fixed count makes the same request on any machine give the same bytes.
+X264_THREADS = 4
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    """float [N, C] -> int16 [N, C]: clipped to [-1, 1], scaled by 32767 and rounded, as a 16-bit
+    wav is written upstream (the decoder overshoots +-1 now and then)."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
+
+
+def mp4_writer(frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, container: str = "mp4",
+               progress: bool = False):
+    """A `write(path)` for `atomic_write_all`: frames uint8 [F, H, W, 3], audio float32 [N, 2] at
+    44.1 kHz -> one file: H.264 yuv420p (CRF 10) + AAC.
 
     Upstream writes the video with imageio (libx264, CRF 10, yuv420p) and muxes a 16-bit wav into AAC
-    with the ffmpeg CLI; here both streams go into one file in one pass with PyAV.
+    with the ffmpeg CLI; here both streams go into one file in one pass with PyAV, with what the CLI
+    does by default: RGB -> yuv420p through swscale's bicubic filter (PyAV's own default is bilinear)
+    and the AAC encoder fed the 16-bit samples (so clipped, never above full scale).
     """
     import av
 
     def write(tmp):
-        with av.open(str(tmp), mode="w", format="mp4") as out:
+        with av.open(str(tmp), mode="w", format=container) as out:
             v = out.add_stream("libx264", rate=fps)
             v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            v.codec_context.thread_count = X264_THREADS
             v.options = {"crf": "10"}  # imageio's quality 8 maps to CRF 10
             a = None
             if audio is not None:
                 a = out.add_stream("aac", rate=OUT_RATE)
                 a.layout = "stereo"
-            for f in frames:
-                out.mux(v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            for f in tqdm(frames, desc="write video", disable=not progress, leave=False):
+                rgb = av.VideoFrame.from_ndarray(f, format="rgb24")
+                out.mux(v.encode(rgb.reformat(format="yuv420p", interpolation="BICUBIC")))
             out.mux(v.encode())
             if a is not None:
-                pcm = np.ascontiguousarray(audio.T.astype(np.float32))  # [2, N] planar
+                pcm = np.ascontiguousarray(pcm16(audio).T)  # [2, N] int16, planar
                 step = 1024  # one AAC frame
                 for k in range(0, pcm.shape[1], step):
-                    frame = av.AudioFrame.from_ndarray(pcm[:, k : k + step], format="fltp", layout="stereo")
+                    frame = av.AudioFrame.from_ndarray(pcm[:, k : k + step], format="s16p", layout="stereo")
                     frame.sample_rate, frame.pts = OUT_RATE, k
                     out.mux(a.encode(frame))
                 out.mux(a.encode())
 
-    atomic_write(path, write)
+    return write
 
 
-def write_wav(path, audio: np.ndarray, rate: int = OUT_RATE) -> None:
-    """float32 [N, 2] -> 16-bit PCM wav (soundfile's default subtype upstream)."""
+def wav_writer(audio: np.ndarray, rate: int = OUT_RATE):
+    """A `write(path)` for `atomic_write_all`: float32 [N, 2] -> 16-bit PCM wav (soundfile's default
+    subtype upstream)."""
     import wave
 
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    pcm = pcm16(audio)
 
     def write(tmp):
         with wave.open(str(tmp), "wb") as w:
@@ -571,7 +637,21 @@ def write_wav(path, audio: np.ndarray, rate: int = OUT_RATE) -> None:
             w.setframerate(rate)
             w.writeframes(pcm.tobytes())
 
-    atomic_write(path, write)
+    return write
+
+
+def write_mp4(path, frames: np.ndarray, audio: np.ndarray | None, fps: int = 25) -> None:
+    """`mp4_writer` into `path` atomically; the container follows the extension (CONTAINERS)."""
+    from pathlib import Path
+
+    container = CONTAINERS.get(Path(path).suffix.lower())
+    if container is None:
+        raise InputError(f"{path}: the extension must be one of {', '.join(CONTAINERS)}")
+    atomic_write_all([(path, mp4_writer(frames, audio, fps, container))])
+
+
+def write_wav(path, audio: np.ndarray, rate: int = OUT_RATE) -> None:
+    atomic_write_all([(path, wav_writer(audio, rate))])
 
 
 # ==================================================================================================
@@ -660,7 +740,7 @@ def choose_offload(device, sr: str, quant: str = "none") -> str:
     return "layers"
 
 
-def release_builders(weights, model: str, sr: str, vae_kind: str, dtype: torch.dtype, quant: str = "none") -> dict:
+def release_builders(weights, model: str, sr: str, dtype: torch.dtype, quant: str = "none") -> dict:
     """Builders for the released networks under `weights` (layout: load_weights.py, "The release").
     `quant` stores the block linears of the DiTs and the text encoder in int8/fp8 (quant.py); with
     "none", a folder written by `load_weights.py quantize` keeps its own 8-bit mode."""
@@ -729,6 +809,7 @@ class Request:
     seconds: int | None = 4  # None with an audio file: take the audio's length
     size: tuple[int, int] = (448, 256)  # requested base width x height in pixels
     sr: str = "none"  # "none", "540p" or "1080p"
+    sr_size: tuple[int, int] | None = None  # SR width x height in pixels (None: sr_size_for(size, sr))
     image: object = None  # PIL image (TI2V)
     audio: torch.Tensor | None = None  # mono float32 at 51.2 kHz (A2V)
     seed: int = 42
@@ -755,7 +836,7 @@ class Timer:
         return stage()
 
 
-def encode_text(models: Models, text: str, text_weights=None):
+def encode_text(models: Models, text: str, text_weights=None, progress: bool = False):
     """(features [1, n, C] float32 on the device, n). With released weights (`text_weights`, the
     T5-Gemma folder) the features are cached on disk by weights + text, so the negative prompt (and
     a repeated prompt) never loads the 18 GB encoder again."""
@@ -763,7 +844,15 @@ def encode_text(models: Models, text: str, text_weights=None):
     import text_encoder as te
 
     def compute():
-        return te.encode_prompt(models.get("text_encoder"), models.get("tokenizer"), text)
+        import warnings
+
+        encoder = models.get("text_encoder")
+        with call_bar(list(encoder.layers), len(encoder.layers), "text encode", progress), warnings.catch_warnings():
+            if text == te.NEGATIVE_PROMPT:
+                # Cut to 640 tokens like any prompt (as upstream); a warning about it is nothing a user
+                # can act on (it fires with the tiny byte-level tokenizer of --tiny-random).
+                warnings.simplefilter("ignore")
+            return te.encode_prompt(encoder, models.get("tokenizer"), text)
 
     if text_weights is None:
         feats, n = compute()
@@ -772,6 +861,41 @@ def encode_text(models: Models, text: str, text_weights=None):
         variant += f"/{models.quant}" if models.quant != "none" else ""  # 8-bit weights change the features
         feats, n = lw.cached_text_features(text_weights, text, compute, variant=variant)
     return feats.to(models.device), torch.tensor([n])
+
+
+def call_bar(modules, total: int, desc: str, enabled: bool):
+    """A progress bar that advances once per forward call of any of `modules` (the networks stay
+    free of progress code): the text encoder's layers, the video decoder's windows."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        if not enabled:
+            yield
+            return
+        pbar = tqdm(total=total, desc=desc)
+
+        def tick(*_):  # a forward hook must return None (anything else replaces the output)
+            pbar.update(1)
+
+        hooks = [m.register_forward_hook(tick) for m in modules]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            pbar.close()
+    return bar()
+
+
+def decoder_calls(decoder, latent_frames: int) -> int:
+    """How many times `decoder.decode` runs its inner decoder: once per latent frame (Wan, causal),
+    once per window (Turbo: the first `first_chunk_size` latents, then `step_size` at a time)."""
+    cfg = decoder.cfg
+    if not hasattr(cfg, "first_chunk_size"):
+        return latent_frames
+    first, step = cfg.first_chunk_size, cfg.step_size
+    return 1 if latent_frames <= first else 1 + -(-(latent_frames - first) // step)
 
 
 def generate(models: Models, req: Request, cfg: SampleConfig, *, text_weights=None, progress=True,
@@ -789,10 +913,10 @@ def generate(models: Models, req: Request, cfg: SampleConfig, *, text_weights=No
 
     with timer("text encode"):
         # An empty prompt is refused here, before any heavy work.
-        text, text_len = encode_text(models, req.prompt, text_weights)
+        text, text_len = encode_text(models, req.prompt, text_weights, progress)
         text_null = text_null_len = None
         if cfg.cfg_number == 2 or (cfg.use_sr_model and cfg.sr_cfg_number == 2):
-            text_null, text_null_len = encode_text(models, te.NEGATIVE_PROMPT, text_weights)
+            text_null, text_null_len = encode_text(models, te.NEGATIVE_PROMPT, text_weights, progress)
         models.release("text_encoder")
 
     audio_latent = None
@@ -808,7 +932,7 @@ def generate(models: Models, req: Request, cfg: SampleConfig, *, text_weights=No
     image_latent = sr_image_latent = None
     sr_hw = None
     if cfg.use_sr_model:
-        sr_w, sr_h = sr_size_for(*req.size, req.sr)
+        sr_w, sr_h = req.sr_size or sr_size_for(*req.size, req.sr)
         sr_hw = latent_size(sr_w, sr_h)
     if req.image is not None:
         with timer("image encode"):
@@ -840,7 +964,8 @@ def generate(models: Models, req: Request, cfg: SampleConfig, *, text_weights=No
 
     with timer("decode video"):
         decoder = models.get(req.vae)
-        frames = to_uint8_frames(decoder.decode(video))  # Turbo: unclamped; Wan: clamped to [-1, 1]
+        with call_bar([decoder.decoder], decoder_calls(decoder, video.shape[2]), "decode video", progress):
+            frames = to_uint8_frames(decoder.decode(video))  # Turbo: unclamped; Wan: clamped to [-1, 1]
         models.release(req.vae)
         # The decoders give 4(T-1)+1 frames, fewer than the audio's when 25·seconds is not a multiple
         # of 4 (2 s: 49 frames, 51 audio latents). Upstream muxes the shorter video anyway and players
@@ -864,7 +989,8 @@ EXAMPLES = """examples:
   python sample.py --prompt "A woman in a red coat looks into the camera and says: welcome back."
   python sample.py --prompt-file prompt.txt --image face.png            # TI2V: start from a photo
   python sample.py --prompt-file prompt.txt --audio speech.wav          # A2V: animate given speech
-  python sample.py --prompt-file prompt.txt --sr 540p                   # 896x512 through latent SR
+  python sample.py --prompt-file prompt.txt --sr 540p                   # distilled base, then SR to 896x512
+  python sample.py --prompt-file prompt.txt --model base --sr 540p      # the official 540p example
   python sample.py --prompt "a person says hello" --tiny-random --seconds 2   # no weights, any CPU
 """
 
@@ -872,34 +998,39 @@ EXAMPLES = """examples:
 def build_parser():
     import argparse
 
-    p = argparse.ArgumentParser(
+    p = lw.OneLineParser(
         prog="sample.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Generate a talking-person video with its speech (one mp4) from a text prompt, "
                     "optionally from a reference image (TI2V) or a given audio track (A2V).")
     g = p.add_argument_group("what to generate")
     g.add_argument("--prompt", help="the text prompt (describe the person, what they say and how)")
-    g.add_argument("--prompt-file", help="read the prompt from this text file instead")
+    g.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file instead (trailing newlines "
+                                         "are dropped, as the shell's \"$(<file)\" in the official scripts)")
     g.add_argument("--image", help="reference image for the first frame (TI2V)")
-    g.add_argument("--audio", help="speech/audio track to animate (A2V); the clip takes its length")
-    g.add_argument("--seconds", type=int, default=None, help="clip length in seconds (default 4; with --audio, the audio's length)")
+    g.add_argument("--audio", help="speech/audio track to animate (A2V); its first --seconds are used, "
+                                   "a shorter track sets the clip's length")
+    g.add_argument("--seconds", type=int, default=4, help="clip length in whole seconds (default 4, as upstream)")
     g.add_argument("--size", default="448x256", help="base video size WxH in pixels, floored to multiples of 32 (default 448x256)")
     g.add_argument("--sr", choices=["none", "540p", "1080p"], default="none",
-                   help="latent super-resolution to 540p (896x512) or 1080p (1920x1088) (default none)")
-    g.add_argument("--seed", type=int, default=42, help="random seed (default 42, as upstream)")
+                   help="latent super-resolution with the 540p or 1080p SR model: the shorter side becomes "
+                        "512 or 1088 px (448x256 -> 896x512 or 1920x1088) (default none)")
+    g.add_argument("--sr-size", default=None, help="explicit SR size WxH (with --sr; upstream's --sr_width/--sr_height)")
+    g.add_argument("--seed", type=int, default=42, help=f"random seed, 0 to {2**63 - 1} (default 42, as upstream)")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=["distill", "base"], default="distill",
-                   help="distill: 8 steps, no CFG (default); base: 32 steps with CFG")
-    m.add_argument("--steps", type=int, default=None, help="sampling steps of the base pass (default 8 / 32)")
+                   help="the model of the base pass (also before --sr): distill: 8 steps, no CFG (default, "
+                        "the paper's speed setting); base: 32 steps with CFG (the official examples)")
+    m.add_argument("--steps", type=int, default=None, help="sampling steps of the base pass, 1 to 1000 (default 8 / 32)")
     m.add_argument("--vae", choices=["turbo", "wan"], default="turbo", help="video decoder (default turbo)")
     m.add_argument("--weights", default=None, help="folder with the released weights (default $MAGIHUMAN_WEIGHTS or ./weights)")
     m.add_argument("--tiny-random", action="store_true", help="tiny networks with random weights: try the pipeline without weights")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=None, help="output mp4 (default magihuman_<seconds>s_<WxH>.mp4)")
-    o.add_argument("--wav", action="store_true", help="also write the audio alone next to the mp4")
+    o.add_argument("--out", default=None, help="output video, .mp4 (or .mov, .mkv) (default magihuman_<seconds>s_<WxH>.mp4)")
+    o.add_argument("--wav", action="store_true", help="also write the audio alone, as OUT with the extension .wav")
     o.add_argument("--latents", default=None, help="also save the final video/audio latents to this .safetensors file")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     r.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="bfloat16: the official numerics (default on GPU); float32: exact reference (default on CPU)")
     r.add_argument("--offload", choices=["auto", "none", "model", "layers"], default="auto",
@@ -913,50 +1044,80 @@ def build_parser():
     return p
 
 
-def _resolve(args):
-    """Validate the arguments and turn them into (Request, SampleConfig, output path)."""
-    import os
-    from pathlib import Path
+MAX_STEPS = 1000  # the training grid has 1000 timesteps; more steps would repeat integer timesteps
 
-    if args.prompt_file:
-        try:
-            args.prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise InputError(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror})") from None
-    if not args.prompt or not args.prompt.strip():
+
+def _resolve(args):
+    """Validate every argument, read the inputs and check every output path, before any network is
+    built. Returns (Request, SampleConfig, {flag: output path})."""
+    if args.prompt_file and args.prompt is not None:
+        raise InputError("give --prompt or --prompt-file, not both")
+    prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
+    if not prompt or not prompt.strip():
         raise InputError("the prompt is empty: pass --prompt \"...\" or --prompt-file FILE")
-    if args.seconds is not None and args.seconds <= 0:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
+        raise InputError("the prompt is not valid UTF-8 text") from None
+    if args.seconds <= 0:
         raise InputError(f"--seconds must be a positive whole number, got {args.seconds}")
-    if args.steps is not None and args.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    if not 0 <= args.seed < 2**63:
+        raise InputError(f"--seed must be between 0 and {2**63 - 1}, got {args.seed}")
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise InputError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
     size = parse_size(args.size)
-    floored = tuple(16 * v for v in reversed(latent_size(*size)))
+    floored = floored_size(*size)
     if floored != size:
         print(f"note: size {size[0]}x{size[1]} is floored to {floored[0]}x{floored[1]} (multiples of 32, as upstream)")
+    sr_size = None
+    if args.sr_size is not None:
+        if args.sr == "none":
+            raise InputError("--sr-size needs --sr 540p or --sr 1080p (which SR model to run)")
+        sr_size = floored_size(*parse_size(args.sr_size, "--sr-size"))
+        if sr_size[0] < floored[0] or sr_size[1] < floored[1]:
+            raise InputError(f"--sr-size {sr_size[0]}x{sr_size[1]} is smaller than the base size {floored[0]}x{floored[1]}")
+    elif args.sr != "none":
+        sr_size = sr_size_for(*size, args.sr)
+    outputs = _output_paths(args, size, sr_size)
     image = read_image(args.image) if args.image else None
     audio = read_audio(args.audio, args.seconds) if args.audio else None
-    seconds = args.seconds if (args.seconds is not None or audio is not None) else 4
-    if audio is not None and args.seconds is None:
-        seconds = None
+    seconds = args.seconds
+    if audio is not None:
+        if len(audio) >= args.seconds * AUDIO_RATE:
+            print(f"note: the audio is used up to --seconds {args.seconds} (as upstream)")
+        seconds = None  # A2V: the length comes from the (trimmed) audio
     cfg = preset(args.model)
     if args.steps is not None:
         cfg = replace(cfg, num_inference_steps=args.steps)
     if args.sr != "none":
         # Both official SR examples: SR model on, cond pass only (sr_cfg_number = 1).
         cfg = replace(cfg, use_sr_model=True, sr_cfg_number=1)
-    req = Request(prompt=args.prompt, seconds=seconds, size=size, sr=args.sr, image=image, audio=audio,
-                  seed=args.seed, vae=args.vae)
+    req = Request(prompt=prompt, seconds=seconds, size=size, sr=args.sr, sr_size=sr_size, image=image,
+                  audio=audio, seed=args.seed, vae=args.vae)
+    return req, cfg, outputs
+
+
+def _output_paths(args, size, sr_size) -> dict:
+    """{flag: resolved path} of every file the run writes, each checked (a regular file or a new
+    name in a writable folder, the right extension, no two the same) before any work is done."""
+    from pathlib import Path
+
     out = args.out
     if out is None:
-        secs = seconds if seconds is not None else round(len(audio) / AUDIO_RATE)
-        out = f"magihuman_{secs}s_{size[0]}x{size[1]}"
-        if args.sr != "none":
-            out += "_{}x{}".format(*sr_size_for(*size, args.sr))
+        out = f"magihuman_{args.seconds}s_{size[0]}x{size[1]}"
+        if sr_size is not None:
+            out += "_{}x{}".format(*sr_size)
         out += ".mp4"
-    out = Path(out)
-    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise InputError(f"--out {out}: cannot write there (the folder must exist and be writable)")
-    return req, cfg, out
+    if Path(out).suffix.lower() not in CONTAINERS:
+        raise InputError(f"--out {out}: the extension must be one of {', '.join(CONTAINERS)} "
+                         "(the file is H.264 + AAC in that container)")
+    outputs = {"--out": lw.check_output_path(out, "--out")}
+    if args.wav:
+        outputs["--wav"] = lw.check_output_path(outputs["--out"].with_suffix(".wav"), "--wav")
+    if args.latents:
+        outputs["--latents"] = lw.check_output_path(args.latents, "--latents")
+    lw.check_distinct(outputs)
+    return outputs
 
 
 def _check_weights(weights, args) -> None:
@@ -969,27 +1130,94 @@ def _check_weights(weights, args) -> None:
                          f"python load_weights.py download {weights}  (or use --tiny-random to try without weights)")
 
 
+def memory_needed(req: Request, cfg: SampleConfig, model: str, dtype: torch.dtype, tiny: bool,
+                  on_gpu: bool, quant: str = "none") -> dict:
+    """A lower bound of the memory a request needs, in bytes: {"device": ..., "host": ...}.
+
+    Counted: the decoded video at its peak in `to_uint8_frames` (float32 output, the scaled copy,
+    the x255 copy: 36 bytes per pixel on the device; on a GPU the host then holds a float32 copy,
+    the uint8 frames and the padded frames, 18 bytes), the DiT's residual stream (two copies of
+    tokens x hidden in float32) and, on CPU with released weights, the largest network at the run's
+    dtype. Real use is higher (measured peak RSS on CPU with --tiny-random: 0.97 GB for the default
+    clip, 2.3 GB at --sr 540p, against bounds of 0.45 and 1.8 GB); a request over this bound
+    cannot run at all, so it is refused before anything is allocated.
+    """
+    from model import dit_config
+
+    num_frames = len(req.audio) // 2048 if req.audio is not None else num_frames_for(req.seconds, cfg.fps)
+    T = latent_length(num_frames)
+    w, h = req.sr_size if cfg.use_sr_model else floored_size(*req.size)
+    pixels = max(4 * (T - 1) + 1, num_frames) * w * h
+    tokens = T * (h // 32) * (w // 32) + num_frames + 640
+    hidden = dit_config("tiny" if tiny else model).hidden_size
+    dit_act = 2 * tokens * hidden * 4
+    decode_device = pixels * 3 * 12 + (0 if on_gpu else pixels * 3)  # + the uint8 frames on CPU
+    host = pixels * 3 * (4 + 1 + 1) if on_gpu else 0
+    weights = 0
+    if not tiny and not on_gpu:
+        weights = int(max(WEIGHTS_GB["dit"], WEIGHTS_GB["text_encoder"]) * 1e9 * (2 if dtype == torch.float32 else 1))
+        if quant != "none":  # 8-bit block linears whatever the compute dtype
+            weights = int(max(WEIGHTS_GB_8BIT.values()) * 1e9)
+    return {"device": max(dit_act, decode_device) + weights, "host": host}
+
+
+def _check_memory(req, cfg, args, device, dtype) -> None:
+    need = memory_needed(req, cfg, args.model, dtype, args.tiny_random, device.type == "cuda", args.quant)
+    have = {"device": lw.available_memory(device), "host": lw.available_memory("cpu")}
+    if device.type == "cpu":
+        need = {"device": need["device"] + need["host"]}
+    for where, n in need.items():
+        if n > have[where]:
+            what = "host" if where == "host" or device.type == "cpu" else str(device)
+            hint = "lower --seconds, --size or --sr" + ("" if args.tiny_random or device.type == "cuda"
+                                                         else ", or run on a GPU (--device cuda)")
+            raise InputError(f"this request needs at least {n / 1e9:.1f} GB of {what} memory and "
+                             f"{have[where] / 1e9:.1f} GB is available: {hint}")
+
+
+def _check_prompt_memory(tokenizer, prompt: str, device) -> None:
+    """The text encoder reads the whole prompt at once (the DiT then keeps the first 640 tokens), and
+    its attention masks alone take 2 L^2 bytes: refuse a prompt that cannot fit."""
+    n = len(tokenizer.encode(prompt))
+    need, have = 2 * n * n, lw.available_memory(device)
+    if need > have:
+        raise InputError(f"the prompt is {n} tokens; encoding it needs at least {need / 1e9:.0f} GB and "
+                         f"{have / 1e9:.1f} GB is available: shorten it (the DiT reads only the first 640 tokens)")
+
+
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    written = []
+
+    def interrupted():
+        if written:
+            return f"interrupted: after writing {', '.join(map(str, written))}"
+        return "interrupted: no output written"
+
+    return lw.guarded(lambda: _run(args, written), interrupted=interrupted)
+
+
+def _run(args, written: list) -> None:
     import os
-    import sys
     from pathlib import Path
 
-    import load_weights as lw
-
-    args = build_parser().parse_args(argv)
+    req, cfg, outputs = _resolve(args)
+    weights = Path(args.weights or os.environ.get("MAGIHUMAN_WEIGHTS", "weights"))
+    if not args.tiny_random:
+        _check_weights(weights, args)
+    device = lw.parse_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    _check_memory(req, cfg, args, device, dtype)
+    builders = (tiny_builders(dtype, quant=args.quant) if args.tiny_random
+                else release_builders(weights, args.model, args.sr, dtype, args.quant))
+    _check_prompt_memory(builders["tokenizer"]("cpu"), req.prompt, device)
+    if args.compile and device.type == "cpu":
+        _check_cpu_compiler()
     try:
-        req, cfg, out = _resolve(args)
-        weights = Path(args.weights or os.environ.get("MAGIHUMAN_WEIGHTS", "weights"))
-        if not args.tiny_random:
-            _check_weights(weights, args)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         rank, sp = _init_distributed(device)
         if sp is not None and device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         compile_ = args.compile if args.compile is not None else device.type == "cuda"
-        builders = (tiny_builders(dtype, quant=args.quant) if args.tiny_random
-                    else release_builders(weights, args.model, args.sr, args.vae, dtype, args.quant))
         offload = choose_offload(device, args.sr, args.quant) if args.offload == "auto" else args.offload
         models = Models(builders, device, dtype, offload, compile_, sp, keep_released=False, quant=args.quant)
         timer = Timer(device)
@@ -999,30 +1227,42 @@ def main(argv=None) -> int:
                           timer=timer, decode=rank == 0, latents=latents)
         if rank == 0:
             frames, audio = result
-            with timer("write"):
-                write_mp4(out, frames, audio, fps=cfg.fps)
-                if args.wav:
-                    write_wav(out.with_suffix(".wav"), audio)
-                if args.latents:
-                    from safetensors.torch import save_file
+            out = outputs["--out"]
+            items = [(out, mp4_writer(frames, audio, cfg.fps, CONTAINERS[out.suffix.lower()], not args.quiet))]
+            if "--wav" in outputs:
+                items.append((outputs["--wav"], wav_writer(audio)))
+            if "--latents" in outputs:
+                from safetensors.torch import save_file
 
-                    atomic_write(args.latents, lambda tmp: save_file(latents, str(tmp)))
-            print(f"wrote {out} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {cfg.fps} fps, "
+                items.append((outputs["--latents"], lambda tmp: save_file(latents, str(tmp))))
+            with timer("write"):
+                atomic_write_all(items)  # all or none
+            written += [p for p, _ in items]
+            print(f"wrote {_shown(out)} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {cfg.fps} fps, "
                   f"{audio.shape[0] / OUT_RATE:.2f} s of audio)")
             print(format_timings(timer.times))
         if sp is not None:
             import torch.distributed as dist
 
             dist.barrier()  # the other ranks wait for rank 0's files before gloo/NCCL is torn down
-    except (InputError, lw.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 2
     finally:
         _end_distributed()
-    return 0
+
+
+def _check_cpu_compiler() -> None:
+    """torch.compile on CPU writes C++: without a compiler it would fail deep inside the first step."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:
+        raise InputError("--compile on CPU needs a C++ compiler (g++ or clang++, or set CXX); "
+                         "install one or drop --compile") from None
+
+
+def _shown(path) -> str:
+    """A path printable on any terminal (undecodable bytes in file names become escapes)."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def format_timings(times: dict) -> str:

@@ -273,21 +273,6 @@ class T5GemmaEncoder(nn.Module):
         return self.norm(x)
 
 
-def text_encoder_device() -> str:
-    """The official placement rule: run on CUDA only if the GPU has more than 48 GB, else on CPU."""
-    if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory > 48 * 2**30:
-        return "cuda"
-    return "cpu"
-
-
-def offload_text_encoder(encoder: nn.Module) -> nn.Module:
-    """Move the encoder (~18.5 GB bf16) to host memory and release the GPU cache, so the DiT fits."""
-    encoder.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return encoder
-
-
 # ==================================================================================================
 # Tokenizer
 # ==================================================================================================
