@@ -394,8 +394,8 @@ def main(argv=None) -> int:
     bad = sorted(set(args.stages) - set(STAGES))
     if bad:
         p.error(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
-    if args.reps is not None and args.reps < 1 or args.warmup < 0 or args.nproc < 1:
-        p.error("--reps and --nproc must be >= 1, --warmup >= 0")
+    if args.reps is not None and args.reps < 1 or args.warmup < 0 or args.nproc < 1 or args.gemm_tokens < 1:
+        p.error("--reps, --nproc and --gemm-tokens must be >= 1, --warmup >= 0")
     if args.json_out:
         load_weights.check_output_path(args.json_out, "--json-out")
     args.reps = args.reps or (2 if args.tiny else 3)
