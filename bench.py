@@ -5,6 +5,9 @@
     python bench.py --offload layers     # peak memory / slowdown of streaming the DiT's layers
     torchrun --nproc-per-node 4 bench.py --stages sr540,sr1080   # sequence-parallel scaling
     python bench.py --tiny               # CPU smoke run at a tiny size: eager vs compiled
+    python bench.py --quant int8         # the stages with 8-bit block linears (DiTs, text encoder)
+    python bench.py --gemm               # bf16 vs int8 / fp8 weight-only GEMMs at the DiT's shapes (any device)
+    python bench.py --memory             # weight bytes per network and --quant mode, counted from built modules
 
 The official figures (README of GAIR-NLP/daVinci-MagiHuman, one H100, a 5 s clip): 256p 2.0 s (DiT
 1.6 s + decode 0.4 s), 540p 8.0 s (+ SR 5.1 s, decode 1.3 s), 1080p 38.4 s (+ SR 31.0 s, decode
@@ -31,6 +34,7 @@ import torch
 
 import load_weights
 import model as dit_lib
+import quant
 import sample
 import text_encoder as te
 import vae
@@ -127,13 +131,14 @@ def format_table(rows: list[Row], device_name: str) -> str:
 # ==================================================================================================
 
 
-def preset_dit(preset: str, device, dtype, tiny: bool, offload: str, compile: bool, sp=None):
+def preset_dit(preset: str, device, dtype, tiny: bool, offload: str, compile: bool, sp=None, quant_mode="none"):
     """A DiT of a released preset (or its tiny twin) with random weights, placed as `offload` says."""
     cfg = dit_lib.dit_config(preset)
     if tiny:  # same features (coords style, local layers) at a few MB
         cfg = dit_lib.dit_config("tiny", coords_style=cfg.coords_style, frame_receptive_field=2,
                                  local_attn_layers=[1, 2] if cfg.local_attn_layers else [])
     dit = dit_lib.random_dit(cfg, block_dtype=dtype, seed=0, device="cpu" if offload == "layers" else device)
+    quant.quantize_modules(dit, quant_mode)
     if offload == "layers":
         dit_lib.LayerStreamer(dit, device)
         for name_, child in dit.named_children():
@@ -154,7 +159,7 @@ def text_features(cfg, device, n=TEXT_TOKENS):
 def bench_dit256(args, device, dtype, sp) -> Row:
     """The distilled base pass: 8 steps, one forward each, at 448x256 (latent 32x16x28)."""
     size = (64, 32) if args.tiny else (448, 256)
-    dit = preset_dit("distill", device, dtype, args.tiny, args.offload, args.compile, sp)
+    dit = preset_dit("distill", device, dtype, args.tiny, args.offload, args.compile, sp, args.quant)
     text, tl = text_features(dit.cfg, device, 8 if args.tiny else TEXT_TOKENS)
     cfg = sample.preset("distill")
     frames = sample.num_frames_for(1 if args.tiny else SECONDS)
@@ -174,7 +179,7 @@ def bench_sr(args, device, dtype, sp, which: str) -> Row:
     """The SR pass: 5 UniPC steps, cond only, at 896x512 (full) or 1920x1088 (local attention)."""
     base = (64, 32) if args.tiny else (448, 256)
     sr_w, sr_h = (128, 64) if args.tiny else sample.sr_size_for(*base, which)
-    dit = preset_dit(f"{which}_sr", device, dtype, args.tiny, args.offload, args.compile, sp)
+    dit = preset_dit(f"{which}_sr", device, dtype, args.tiny, args.offload, args.compile, sp, args.quant)
     text, tl = text_features(dit.cfg, device, 8 if args.tiny else TEXT_TOKENS)
     cfg = sample.preset(f"{which}_sr")
     frames = sample.num_frames_for(1 if args.tiny else SECONDS)
@@ -234,12 +239,88 @@ def bench_text(args, device, dtype) -> Row:
     with torch.no_grad():
         for p in enc.parameters():
             p.normal_(0, 0.02)
+    quant.quantize_modules(enc, args.quant)
     ids = torch.randint(4, cfg.vocab_size, (1, TEXT_TOKENS), device=device)
     ms, peak = time_ms(lambda: enc(ids), device, args.warmup, args.reps)
     return Row("text encode", f"{TEXT_TOKENS} tokens", ms, None, None, peak)
 
 
 STAGES = ("text", "dit256", "sr540", "sr1080", "turbo256", "turbo540", "turbo1080", "audio")
+
+
+# ==================================================================================================
+# 8-bit weights: GEMM speed and weight memory (`--gemm`, `--memory`)
+# ==================================================================================================
+
+# The DiT's block linears (released config): rows x columns of one expert's weight.
+DIT_LINEARS = {"linear_qkv": (7208, 5120), "linear_proj": (5120, 5120), "up_gate_proj": (2 * 13652, 5120),
+               "down_proj": (5120, 13652)}
+
+
+def bench_gemm(args, device) -> str:
+    """One linear of the DiT at `--gemm-tokens` rows: bf16 F.linear against quant.QuantLinear in int8
+    and fp8 (dequantize-on-the-fly, the path --quant runs). Same inputs, same run; the ratio is
+    quantized / bf16 time. (torch's int8 weight-only CPU kernel `_weight_int8pack_mm` is not used: it
+    crashed on the 7208-row qkv weight here, and was 2.8x slower than bf16 on a 3072x3072 one.)"""
+    import torch.nn.functional as F
+
+    M = args.gemm_tokens
+    dtype = torch.bfloat16
+    lines = [f"weight-only GEMMs on {device_label(device)}, {M} tokens, {torch.get_num_threads()} threads, "
+             f"median of {args.reps} after {args.warmup} warm-up",
+             f"{'linear':<14}{'shape':<16}{'bf16 ms':>9}{'int8 ms':>9}{'ratio':>7}{'fp8 ms':>9}{'ratio':>7}"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for name, (N, K) in DIT_LINEARS.items():
+        w = (torch.randn(N, K, generator=g) * K ** -0.5).to(device=device, dtype=dtype)
+        x = torch.randn(1, M, K, generator=g).to(device=device, dtype=dtype)
+        times = {"bf16": time_ms(lambda: F.linear(x, w), device, args.warmup, args.reps)[0]}
+        for mode in ("int8", "fp8"):
+            lin = quant.QuantLinear(K, N, 1, mode, dtype, device=device)
+            lin.weight.data, lin.weight_scale.data = quant.quantize_weight(w, mode)
+            times[mode] = time_ms(lambda: lin(x), device, args.warmup, args.reps)[0]
+        lines.append(f"{name:<14}{f'{N}x{K}':<16}{times['bf16']:9.1f}{times['int8']:9.1f}{times['int8'] / times['bf16']:7.2f}"
+                     f"{times['fp8']:9.1f}{times['fp8'] / times['bf16']:7.2f}")
+    return "\n".join(lines)
+
+
+def device_label(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def weight_memory_table() -> str:
+    """Bytes of weights per network and --quant mode, summed over the parameters and buffers of the
+    networks built on the meta device at the released configs (nothing allocated, nothing guessed)."""
+    import text_encoder as te
+    import vae
+
+    nets = {}
+    for mode in quant.MODES:
+        with torch.device("meta"):
+            nets[("DiT (each of base/distill/SR)", mode)] = quant.quantize_modules(
+                dit_lib.DiT(dit_lib.dit_config("distill"), block_dtype=torch.bfloat16), mode)
+            nets[("T5-Gemma encoder", mode)] = quant.quantize_modules(
+                te.T5GemmaEncoder(te.T5GemmaEncoderConfig()).to(torch.bfloat16), mode)
+    with torch.device("meta"):
+        others = {"Turbo VAE decoder (bf16)": vae.TurboVAED(vae.TurboVAEDConfig()).to(torch.bfloat16),
+                  "Wan2.2 VAE (bf16)": vae.WanVAE(vae.WanVAEConfig()).to(torch.bfloat16),
+                  "audio VAE (fp32)": vae.OobleckVAE(vae.OobleckConfig())}
+    lines = ["weights in GB (1e9 bytes), counted from modules built on the meta device",
+             f"{'network':<32}{'none':>8}{'int8':>8}{'fp8':>8}   of which not quantized"]
+    for net in ("DiT (each of base/distill/SR)", "T5-Gemma encoder"):
+        b = {m: quant.weight_bytes(nets[(net, m)]) for m in quant.MODES}
+        lines.append(f"{net:<32}" + "".join(f"{b[m]['total'] / 1e9:8.2f}" for m in quant.MODES) + f"   {b['int8']['other'] / 1e9:.2f}")
+        if net.startswith("DiT"):
+            layer = max(sum(p.numel() * p.element_size() for p in lay.parameters()) for lay in nets[(net, "int8")].block.layers)
+            layer_bf16 = max(sum(p.numel() * p.element_size() for p in lay.parameters()) for lay in nets[(net, "none")].block.layers)
+            lines.append(f"{'  largest DiT layer (streamed)':<32}{layer_bf16 / 1e9:8.2f}{layer / 1e9:8.2f}{layer / 1e9:8.2f}")
+    for net, m in others.items():
+        nb = quant.weight_bytes(m)["total"] / 1e9
+        lines.append(f"{net:<32}{nb:8.2f}{nb:8.2f}{nb:8.2f}")
+    return "\n".join(lines)
 
 
 def run_stages(args, device, dtype, sp=None) -> list[Row]:
@@ -296,17 +377,27 @@ def main(argv=None) -> int:
     p.add_argument("--offload", choices=["none", "layers"], default="none", help="stream the DiT layers from host memory")
     p.add_argument("--nproc", type=int, default=1, help="compare 1 rank with N sequence-parallel ranks (runs torchrun)")
     p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)  # used by --nproc for its children
+    p.add_argument("--quant", choices=list(quant.MODES), default="none", help="8-bit block linears in the DiT and text stages")
+    p.add_argument("--gemm", action="store_true", help="only time bf16 vs int8/fp8 weight-only GEMMs at the DiT's linear shapes")
+    p.add_argument("--gemm-tokens", type=int, default=512, help="rows of the GEMM input for --gemm (default 512)")
+    p.add_argument("--memory", action="store_true", help="only print the weight bytes per network and --quant mode")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
     bad = sorted(set(args.stages) - set(STAGES))
     if bad:
         p.error(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
-    if args.reps is not None and args.reps < 1 or args.warmup < 0 or args.nproc < 1:
-        p.error("--reps and --nproc must be >= 1, --warmup >= 0")
+    if args.reps is not None and args.reps < 1 or args.warmup < 0 or args.nproc < 1 or args.gemm_tokens < 1:
+        p.error("--reps, --nproc and --gemm-tokens must be >= 1, --warmup >= 0")
     if args.json_out:
         load_weights.check_output_path(args.json_out, "--json-out")
     args.reps = args.reps or (2 if args.tiny else 3)
     torch.set_grad_enabled(False)  # inference only: no autograd graphs, no saved activations
+    if args.memory:
+        print(weight_memory_table())
+        return 0
+    if args.gemm:
+        print(bench_gemm(args, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+        return 0
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return scaling(args, argv)
@@ -319,7 +410,8 @@ def main(argv=None) -> int:
             rows = run_stages(args, device, dtype)
             for r in rows:  # the official figures are for the full model on an H100: no ratio here
                 r.official_ms = None
-            tables.append(format_table(rows, f"CPU, tiny configs, {'compiled' if compiled else 'eager'}"))
+            quant_note = f", quant={args.quant}" if args.quant != "none" else ""
+            tables.append(format_table(rows, f"CPU, tiny configs, {'compiled' if compiled else 'eager'}{quant_note}"))
         print("\n\n".join(tables))
         return 0
 
@@ -343,7 +435,7 @@ def main(argv=None) -> int:
         name = "CPU (tiny configs)" if args.tiny else torch.cuda.get_device_name(device)
         world = sp.world if sp is not None else 1
         print(format_table(rows, f"{name} x{world}, {str(dtype)[6:]}, compile={args.compile}, "
-                                 f"offload={args.offload}, {time.strftime('%Y-%m-%d')}"))
+                                 f"offload={args.offload}, quant={args.quant}, {time.strftime('%Y-%m-%d')}"))
         if args.json_out:
             rows_json = [{"stage": r.stage, "ms": r.ms, "peak_gib": r.peak_gib} for r in rows]
             text = json.dumps({"device": name, "world": world, "rows": rows_json})

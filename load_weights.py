@@ -13,6 +13,10 @@ Models are built on the `meta` device and loaded with `assign=True`, so a 15B mo
 twice in host memory and no time is spent on a random initialisation that is thrown away.
 Pickled files are only ever read with `torch.load(weights_only=True)`.
 
+`--quant int8|fp8` (quant.py): the DiT and text-encoder loaders quantize the block linears tensor by
+tensor as they are read, and `python load_weights.py quantize SRC DST --quant int8` writes the
+saved-quantized form they read directly (section at the end).
+
 It also holds the few file and command-line helpers every entry point shares (sample.py, distill.py,
 bench.py, this file): atomic all-or-none writes, output/input path checks, `--device` parsing and
 `guarded`, which turns bad input, a full disk, Ctrl-C or SIGTERM into one line and exit status 2.
@@ -34,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors, load_file, save_file
 from torch import nn
 
+import quant
 from model import DiT
 from text_encoder import GemmaTokenizer, T5GemmaEncoder, T5GemmaEncoderConfig
 from vae import OobleckConfig, OobleckVAE, TurboVAED, TurboVAEDConfig, WanVAE, WanVAEConfig
@@ -394,6 +399,30 @@ def dit_checkpoint_files(folder: str | os.PathLike) -> tuple[dict[str, list[str]
     raise CheckpointError(f"{folder}: no {DIT_INDEX} or {DIT_SINGLE} found")
 
 
+@contextlib.contextmanager
+def _tensor_reader(path: Path, keys):
+    """`get(name)` for one shard: plain safetensors are read one tensor at a time (memory-mapped,
+    so a converted tensor never waits for the rest of its shard); a `.zst` shard is decompressed whole."""
+    if path.suffix == ".zst":
+        tensors = _read_zst(path, keys)
+        yield tensors.__getitem__
+        return
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+        present = set(f.keys())
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    with f:
+        missing = set(keys) - present
+        if missing:
+            raise CheckpointError(f"{path}: missing key(s) listed in the index: {_short_list(missing)}")
+        yield f.get_tensor
+
+
 def read_checkpoint(files: dict[str, list[str]], expected: dict[str, torch.Tensor], source: str,
                     device="cpu", rename: dict[str, str] | None = None, note: str = "") -> dict[str, torch.Tensor]:
     """Read every listed key, casting each tensor to its module's dtype and moving it to `device` as
@@ -402,45 +431,121 @@ def read_checkpoint(files: dict[str, list[str]], expected: dict[str, torch.Tenso
     The key sets are compared first (from the index or the file headers), so a wrong checkpoint
     fails before gigabytes are read. `rename` maps checkpoint names to module names (default: the
     same); `note` follows the file name in messages (e.g. which prefix was stripped).
+    Quantized models (quant.py): a float weight whose module slot is 8-bit is quantized right here,
+    one tensor at a time; a saved-quantized weight (`X.weight` 8-bit + `X.weight_scale`) goes in as
+    it is, or is dequantized for a float model.
     """
     rename = rename or {}
-    listed = {rename.get(k, k) for keys in files.values() for k in keys}
-    missing, unexpected = expected.keys() - listed, listed - expected.keys()
+    where = {rename.get(k, k): (path, k) for path, keys in files.items() for k in keys}
+    missing, unexpected = _key_problems(where.keys(), expected)
     if missing or unexpected:
         parts = ([f"missing key(s): {_short_list(missing)}"] if missing else []) + (
             [f"unexpected key(s): {_short_list(unexpected)}"] if unexpected else [])
         raise CheckpointError(f"{source}{note}: " + "; ".join(parts))
     sd = {}
     for path, keys in files.items():
-        tensors = _read_zst(Path(path), keys) if path.endswith(".zst") else read_safetensors(path, keys)
-        for name, t in tensors.items():
-            k = rename.get(name, name)
-            if tuple(t.shape) != tuple(expected[k].shape):
-                raise CheckpointError(f"{path}{note}: key {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
-            sd[k] = t.to(device=device, dtype=expected[k].dtype)
+        with _tensor_reader(Path(path), keys) as get:
+            for name in keys:
+                k = rename.get(name, name)
+                if _is_scale_of(k, where):
+                    continue  # read together with its weight
+                t = get(name)
+                if tuple(t.shape) != tuple(expected[k].shape):
+                    raise CheckpointError(f"{path}{note}: key {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+
+                def scale():
+                    if k + quant.SCALE_SUFFIX not in where:
+                        raise CheckpointError(f"{path}{note}: key {k} is {t.dtype} but {k}{quant.SCALE_SUFFIX} is missing")
+                    spath, sname = where[k + quant.SCALE_SUFFIX]
+                    if spath == path:
+                        return get(sname)
+                    with _tensor_reader(Path(spath), [sname]) as sget:
+                        return sget(sname)
+
+                sd.update(_convert(k, t, scale, expected, device, f"{path}{note}"))
     return sd
 
 
-def _dit_on_meta(cfg, block_dtype):
+def _is_scale_of(k: str, present) -> bool:
+    """Is `k` the `<linear>.weight_scale` of a weight that is also present?"""
+    return k.endswith(quant.SCALE_SUFFIX) and k[: -len(quant.SCALE_SUFFIX)] in present
+
+
+def _key_problems(present, expected) -> tuple[set, set]:
+    """(missing, unexpected) keys of a checkpoint against a module, either side possibly quantized:
+    a scale the module wants may be made here (float file), one the file has may be used up here
+    (float module)."""
+    present = set(present)
+    missing = {k for k in expected.keys() - present if not _is_scale_of(k, present)}
+    unexpected = {k for k in present - expected.keys() if not _is_scale_of(k, expected)}
+    return missing, unexpected
+
+
+def _convert(k: str, t: torch.Tensor, scale, expected: dict, device, source: str) -> dict[str, torch.Tensor]:
+    """One checkpoint tensor -> the module tensor(s) for key k: cast, quantized or dequantized.
+    `scale()` reads the file's `k_scale` (only called for a saved-quantized weight)."""
+    want = expected[k].dtype
+    have_q, want_q = quant.mode_of(t.dtype), quant.mode_of(want)
+    if have_q is None and want_q is None:
+        return {k: t.to(device=device, dtype=want)}
+    if have_q is None:  # a float weight into an 8-bit slot: quantize on the target device
+        q, s = quant.quantize_weight(t.to(device), want_q)
+        return {k: q, k + quant.SCALE_SUFFIX: s}
+    s = scale().to(device=device, dtype=torch.float32)
+    if tuple(s.shape) != (t.shape[0],):
+        raise CheckpointError(f"{source}: key {k}{quant.SCALE_SUFFIX} has shape {tuple(s.shape)}, expected ({t.shape[0]},)")
+    if want_q is None:  # a saved-quantized weight into a float model
+        return {k: quant.dequantize_weight(t.to(device), s, want)}
+    if want_q != have_q:
+        raise CheckpointError(f"{source}: key {k} is stored as {have_q}, the model was asked for {want_q}: "
+                              "quantize from the original (float) checkpoint instead")
+    return {k: t.to(device), k + quant.SCALE_SUFFIX: s}
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], expected: dict, source: str, device="cpu") -> dict:
+    """The in-memory twin of read_checkpoint's conversion (golden harness, tests): quantize,
+    dequantize or cast each tensor for the module whose state dict is `expected`."""
+    missing, unexpected = _key_problems(sd.keys(), expected)
+    if missing or unexpected:
+        return dict(sd)  # let load_state_dict_strict name the problem
+    out = {}
+    for k, t in sd.items():
+        if _is_scale_of(k, sd):
+            continue
+        if tuple(t.shape) != tuple(expected[k].shape):
+            return dict(sd)
+        def scale():
+            if k + quant.SCALE_SUFFIX not in sd:
+                raise CheckpointError(f"{source}: key {k} is {t.dtype} but {k}{quant.SCALE_SUFFIX} is missing")
+            return sd[k + quant.SCALE_SUFFIX]
+
+        out.update(_convert(k, t, scale, expected, device, source))
+    return out
+
+
+def _dit_on_meta(cfg, block_dtype, quant_mode="none"):
     with torch.device("meta"):
-        return DiT(cfg, block_dtype=block_dtype)
+        return quant.quantize_modules(DiT(cfg, block_dtype=block_dtype), quant_mode)
 
 
 def dit_from_state_dict(sd: dict[str, torch.Tensor], cfg, source: str, block_dtype=torch.bfloat16,
-                        device="cpu"):
-    """A DiT from an in-memory state dict under the official key names (strict), in eval mode."""
-    model = _dit_on_meta(cfg, block_dtype)
-    sd = {k: v.to(device) for k, v in sd.items()}
+                        device="cpu", quant="none"):
+    """A DiT from an in-memory state dict under the official key names (strict), in eval mode.
+    `quant` ("int8"/"fp8") stores the block linears in 8 bits (quant.py); `sd` may be either form."""
+    model = _dit_on_meta(cfg, block_dtype, quant)
+    sd = convert_state_dict(sd, model.state_dict(), source, device)
     return load_state_dict_strict(model, sd, source).eval()
 
 
-def load_dit(folder: str | os.PathLike, cfg, block_dtype=torch.bfloat16, device="cpu"):
+def load_dit(folder: str | os.PathLike, cfg, block_dtype=torch.bfloat16, device="cpu", quant="none"):
     """The DiT from a checkpoint folder in any official layout (single file, shards + index, `.zst`).
 
     Released dtypes: base is bf16 on disk, distill and SR fp32; either way the block
     linears become `block_dtype` and everything else float32, as the official module dtypes do.
+    `quant` ("int8"/"fp8"): the block linears are quantized tensor by tensor as they are read (no
+    float copy of the model at any point); a checkpoint written by `quantize` loads directly.
     """
-    model = _dit_on_meta(cfg, block_dtype)
+    model = _dit_on_meta(cfg, block_dtype, quant)
     files, source = dit_checkpoint_files(folder)
     sd = read_checkpoint(files, model.state_dict(), source, device)
     return load_state_dict_strict(model, sd, source).eval()
@@ -477,13 +582,14 @@ def _text_encoder_names(names, source: str) -> dict[str, str]:
     return out
 
 
-def _meta_text_encoder(config, dtype):
+def _meta_text_encoder(config, dtype, quant_mode="none"):
     # Meta device: 9.2B parameters get no storage and no random init before the real tensors arrive.
     with torch.device("meta"):
-        return T5GemmaEncoder(config).to(dtype)
+        return quant.quantize_modules(T5GemmaEncoder(config).to(dtype), quant_mode)
 
 
-def text_encoder_from_state_dict(sd: dict, config, dtype=torch.float32, device="cpu", source="<state dict>"):
+def text_encoder_from_state_dict(sd: dict, config, dtype=torch.float32, device="cpu", source="<state dict>",
+                                 quant="none"):
     """Build the encoder from an in-memory state dict under the release's names (golden harness path).
 
     `config` is a T5GemmaEncoderConfig or a config.json dict. Decoder keys are ignored, anything
@@ -492,16 +598,17 @@ def text_encoder_from_state_dict(sd: dict, config, dtype=torch.float32, device="
     if isinstance(config, dict):
         config = T5GemmaEncoderConfig.from_dict(config)
     names = _text_encoder_names(sd.keys(), source)
-    return _finish_text_encoder(config, {short: sd[name] for name, short in names.items()}, dtype, device, source)
+    return _finish_text_encoder(config, {short: sd[name] for name, short in names.items()}, dtype, device, source, quant)
 
 
 TEXT_KEYS_NOTE = f" (keys after '{TEXT_ENCODER_PREFIXES[0]}')"  # messages name keys without the prefix
 
 
-def _finish_text_encoder(config, sd: dict, dtype, device, source: str):
+def _finish_text_encoder(config, sd: dict, dtype, device, source: str, quant_mode="none"):
     """Shared tail of both loaders: strict assign-load into a meta-built encoder, eval mode."""
-    module = _meta_text_encoder(config, dtype)
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}  # no-op for tensors read per shard
+    module = _meta_text_encoder(config, dtype, quant_mode)
+    # no-op for tensors read per shard; casts/quantizes an in-memory state dict
+    sd = convert_state_dict(sd, module.state_dict(), source + TEXT_KEYS_NOTE, device)
     return load_state_dict_strict(module, sd, source + TEXT_KEYS_NOTE).eval()
 
 
@@ -526,13 +633,14 @@ def load_text_encoder_config(weights_dir):
         raise CheckpointError(f"{path}: bad text-encoder config ({_first_line(e)})") from None
 
 
-def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu"):
+def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu", quant="none"):
     """The T5-Gemma encoder from a release folder (config.json + sharded safetensors), strictly.
 
     bf16 by default (as the official pipeline runs it); float32 on request. Tensors are read shard by
     shard, cast and moved to `device` at once, so host memory holds at most one shard's encoder part.
     About 18.5 GB in bf16: on a 24 GB card, encode on CPU (`device="cpu"`) or move it off the card
     after encoding (sample.Models does), and use `cached_text_features` to skip it on later runs.
+    `quant` ("int8"/"fp8"): the layers' projections are quantized as read (10.2 GB in all, `python bench.py --memory`).
     """
     weights_dir = Path(weights_dir)
     config = load_text_encoder_config(weights_dir)
@@ -551,9 +659,9 @@ def load_text_encoder(weights_dir, dtype=torch.bfloat16, device="cpu"):
         files.setdefault(str(weights_dir / weight_map[name]), []).append(name)
     # The DiT's reader: key sets checked before any data is read, each shard cast and moved as it is
     # read (the host never holds more than one shard), a mis-shaped key reported with its shard.
-    expected = _meta_text_encoder(config, dtype).state_dict(keep_vars=True)
+    expected = _meta_text_encoder(config, dtype, quant).state_dict(keep_vars=True)
     sd = read_checkpoint(dict(sorted(files.items())), expected, source, device, rename=names, note=TEXT_KEYS_NOTE)
-    return _finish_text_encoder(config, sd, dtype, device, source)
+    return _finish_text_encoder(config, sd, dtype, device, source, quant)
 
 
 def load_text_tokenizer(weights_dir):
@@ -847,25 +955,162 @@ def download(weights_dir, models=DIT_MODELS) -> None:
                                   "network (or HF_ENDPOINT), or fetch the files listed in README.md by hand") from None
 
 
+# ==================================================================================================
+# Saved-quantized checkpoints: `python load_weights.py quantize SRC DST --quant int8|fp8`
+# ==================================================================================================
+# DST is a folder in the DiT layout (`model.safetensors.index.json` + shards), which load_dit and
+# load_text_encoder read like any release: block linears as `<name>.weight` (int8 / float8_e4m3fn) +
+# `<name>.weight_scale` (float32), everything else as it was on disk. The index's metadata names the
+# mode. For a T5-Gemma folder only the encoder half is written, with its config and tokenizer files.
+
+QUANT_SHARD_BYTES = 4 << 30
+
+
+def _is_text_encoder_folder(src: Path) -> bool:
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and (str(cfg.get("model_type", "")).startswith("t5gemma") or "encoder" in cfg)
+
+
+def _quantize_sources(src: Path) -> tuple[dict[str, list[str]], str, list[Path]]:
+    """({file: [keys]}, source name, files to copy) of a DiT checkpoint or a T5-Gemma folder."""
+    if _is_text_encoder_folder(src):  # the text encoder: encoder keys only
+        index = src / "model.safetensors.index.json"
+        weight_map = read_weight_map(index) if index.is_file() else {k: "model.safetensors" for k in _safetensors_keys(src / "model.safetensors")}
+        names = _text_encoder_names(weight_map.keys(), str(src))
+        files: dict[str, list[str]] = {}
+        for name in names:
+            files.setdefault(str(src / weight_map[name]), []).append(name)
+        extra = [src / f for f in TEXT_FILES if f != "model.safetensors.index.json" and (src / f).is_file()]
+        return dict(sorted(files.items())), str(src), extra
+    files, source = dit_checkpoint_files(src)
+    return files, source, []
+
+
+def quantize_checkpoint(src, dst, mode: str, shard_bytes: int = QUANT_SHARD_BYTES, progress: bool = False) -> dict:
+    """Write the saved-quantized form of checkpoint `src` (DiT folder/file or T5-Gemma folder) to the
+    new folder `dst`. Reads one tensor at a time and holds at most one output shard (`shard_bytes`);
+    `dst` appears only when complete. Returns {"tensors", "quantized", "bytes_in", "bytes_out"}."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    quant.check_mode(mode)
+    if mode == "none":
+        raise ValueError("quantize needs --quant int8 or fp8")
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise CheckpointError(f"{dst}: already exists (choose a new folder)")
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"{dst.parent}: folder not found")
+    files, source, extra = _quantize_sources(src)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    stats = {"tensors": 0, "quantized": 0, "bytes_in": 0, "bytes_out": 0}
+    shard, shard_size, weight_map, shards = {}, 0, {}, []
+
+    def flush():
+        nonlocal shard, shard_size
+        if shard:
+            name = f"quantized-{len(shards) + 1:05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"quant": mode})
+            weight_map.update({k: name for k in shard})
+            shards.append(name)
+            shard, shard_size = {}, 0
+
+    total = sum(len(k) for k in files.values())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"quantize {mode}", unit="tensor")
+    try:
+        tmp.mkdir()
+        for path, keys in files.items():
+            with _tensor_reader(Path(path), keys) as get:
+                for name in keys:
+                    t = get(name)
+                    stats["tensors"] += 1
+                    stats["bytes_in"] += t.numel() * t.element_size()
+                    if quant.mode_of(t.dtype) is not None:
+                        raise CheckpointError(f"{path}: {name} is already quantized ({t.dtype}); quantize the float checkpoint")
+                    out = {name: t.contiguous()}
+                    if quant.is_block_linear_weight(name, t.shape) and t.is_floating_point():
+                        q, s = quant.quantize_weight(t, mode)
+                        out = {name: q, name + quant.SCALE_SUFFIX: s}
+                        stats["quantized"] += 1
+                    for k, v in out.items():
+                        shard[k] = v
+                        shard_size += v.numel() * v.element_size()
+                        stats["bytes_out"] += v.numel() * v.element_size()
+                    if shard_size >= shard_bytes:
+                        flush()
+                    if bar is not None:
+                        bar.update(1)
+        flush()
+        meta = {"quant": mode, "quantized_from": source, "total_size": str(stats["bytes_out"])}
+        (tmp / DIT_INDEX).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1))
+        for f in extra:
+            shutil.copy2(f, tmp / f.name)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return stats
+
+
+def checkpoint_quant_mode(folder) -> str:
+    """"int8"/"fp8" for a folder written by quantize_checkpoint, "none" otherwise (from the index)."""
+    index = Path(folder) / DIT_INDEX
+    if not index.is_file():
+        return "none"
+    try:
+        return json.loads(index.read_text()).get("metadata", {}).get("quant", "none")
+    except (OSError, ValueError, AttributeError):
+        return "none"
+
+
 def main(argv=None) -> int:
+    import time
+
     parser = OneLineParser(
-        prog="load_weights.py", description="Fetch the released weights into a folder (needs huggingface_hub).")
+        prog="load_weights.py", description="Fetch the released weights into a folder (needs huggingface_hub), "
+                                            "or write an 8-bit copy of a DiT / text-encoder checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="download the files sample.py needs into DIR")
     d.add_argument("dir", help="weights folder (sample.py's --weights)")
     d.add_argument("--models", default=",".join(DIT_MODELS),
                    help=f"comma-separated DiTs to fetch (default: all of {','.join(DIT_MODELS)})")
+    q = sub.add_parser("quantize", help="write SRC (a DiT folder or the T5-Gemma folder) with 8-bit block linears to DST",
+                       description="Quantize the block linears of a DiT checkpoint (any official layout) or of the "
+                                   "T5-Gemma encoder to int8 or fp8 (per-output-channel scales) and write them to the "
+                                   "new folder DST, which load_dit / load_text_encoder (and sample.py --quant) read "
+                                   "directly. To use it in a weights folder, put DST in place of the original.")
+    q.add_argument("src", help="e.g. weights/daVinci-MagiHuman/distill or weights/t5gemma-9b-9b-ul2")
+    q.add_argument("dst", help="new folder to create")
+    q.add_argument("--quant", choices=["int8", "fp8"], required=True, help="storage of the block linears")
     args = parser.parse_args(argv)
 
     def body():
+        if args.command == "quantize":
+            start = time.perf_counter()
+            st = quantize_checkpoint(args.src, args.dst, args.quant, progress=True)
+            print(f"wrote {args.dst}: {st['quantized']} of {st['tensors']} tensors in {args.quant}, "
+                  f"{st['bytes_in'] / 1e9:.2f} GB -> {st['bytes_out'] / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
+            return
         models = [m for m in args.models.split(",") if m]
         if not models:
             raise InputError("--models is empty: name at least one of " + ",".join(DIT_MODELS))
         download(args.dir, models)
         print(f"weights ready in {args.dir}")
 
-    return guarded(body, user_errors=(InputError, ValueError),
-                   interrupted=lambda: "interrupted: the download stopped (run the command again to resume it)")
+    interrupted = {"download": "interrupted: the download stopped (run the command again to resume it)",
+                   "quantize": "interrupted: nothing written"}[args.command]
+    return guarded(body, user_errors=(InputError, ValueError), interrupted=lambda: interrupted)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,11 @@ class ExpertLinear(nn.Module):
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.weight = nn.Parameter(torch.empty(out_features * num_experts, in_features, dtype=dtype))
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The GEMM's dtype, which the call sites cast to (a drop-in with 8-bit storage has its own)."""
+        return self.weight.dtype
+
     def forward(self, x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         x = x.to(self.weight.dtype)
         if self.num_experts == 1:
@@ -368,7 +373,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, sizes: list[int], mask, attn_fn=attention):
         B, L, _ = x.shape
-        cdt = self.linear_qkv.weight.dtype  # bf16 on the official path, float32 on the exact path
+        cdt = self.linear_qkv.compute_dtype  # bf16 on the official path, float32 on the exact path
         qkv = self.linear_qkv(self.pre_norm(x, sizes).to(cdt), sizes).float()  # [B, L, H·d + 2·G·d + H]
         q, k, v, g = qkv.split([self.H * self.d, self.G * self.d, self.G * self.d, self.gate_size], dim=-1)
         q = self.q_norm(q.view(B, L, self.H, self.d), sizes)  # [B, L, H, d]
@@ -398,7 +403,7 @@ class MLP(nn.Module):
         self.down_proj = ExpertLinear(inner, D, num_experts, dtype)
 
     def forward(self, x, sizes: list[int]):
-        cdt = self.up_gate_proj.weight.dtype
+        cdt = self.up_gate_proj.compute_dtype
         u = self.up_gate_proj(self.pre_norm(x, sizes).to(cdt), sizes)
         a = self.act(u).to(cdt)  # activation in float32, fed to the GEMM in its dtype
         return self.down_proj(a, sizes).float()  # the MLP branch is added as float32

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import load_weights as lw
 import model as dit_lib
+import quant as q8
 import sr as sr_stage
 import text_encoder as te
 import vae
@@ -744,11 +745,12 @@ class Models:
     """
 
     def __init__(self, builders: dict, device, dtype=torch.bfloat16, offload: str = "none",
-                 compile: bool = False, sp=None, keep_released: bool = True):
+                 compile: bool = False, sp=None, keep_released: bool = True, quant: str = "none"):
         if offload not in ("none", "model", "layers"):
             raise ValueError(f"offload must be none, model or layers, got {offload!r}")
         self.builders, self.device, self.dtype, self.offload = builders, torch.device(device), dtype, offload
         self.compile, self.sp, self.loaded = compile, sp, {}
+        self.quant = quant  # what the builders store the block linears in (part of the text-cache key)
         self.keep_released = keep_released
 
     @contextlib.contextmanager
@@ -793,32 +795,41 @@ class Models:
 # bf16, audio VAE fp32) and the largest activations of a stage at each output size (the DiT's MLP
 # temporaries, the Turbo decode window; README, appendix "Memory per run").
 WEIGHTS_GB = {"dit": 30.6, "text_encoder": 18.5, "wan": 1.4, "turbo": 0.2, "audio_vae": 0.6}
+WEIGHTS_GB_8BIT = {"dit": 15.4, "text_encoder": 10.2}  # --quant int8/fp8 (`python bench.py --memory`)
 ACTIVATIONS_GB = {"none": 4.0, "540p": 10.0, "1080p": 26.0}
 
 
-def choose_offload(device, sr: str) -> str:
+def choose_offload(device, sr: str, quant: str = "none") -> str:
     """--offload auto: everything resident if it fits in 90% of the card, else one network at a
     time if the largest stage fits, else stream the DiT's layers."""
     device = torch.device(device)
     if device.type != "cuda":
         return "none"
     total = torch.cuda.get_device_properties(device).total_memory / 1e9
+    weights = {**WEIGHTS_GB, **(WEIGHTS_GB_8BIT if quant != "none" else {})}
     dits = 1 + (sr != "none")
-    everything = sum(WEIGHTS_GB.values()) + (dits - 1) * WEIGHTS_GB["dit"] + ACTIVATIONS_GB[sr]
+    everything = sum(weights.values()) + (dits - 1) * weights["dit"] + ACTIVATIONS_GB[sr]
     if everything < 0.9 * total:
         return "none"
-    if max(WEIGHTS_GB["dit"], WEIGHTS_GB["text_encoder"]) + ACTIVATIONS_GB[sr] < 0.9 * total:
+    if max(weights["dit"], weights["text_encoder"]) + ACTIVATIONS_GB[sr] < 0.9 * total:
         return "model"
     return "layers"
 
 
-def release_builders(weights, model: str, sr: str, dtype: torch.dtype) -> dict:
-    """Builders for the released networks under `weights` (layout: load_weights.py, "The release")."""
+def release_builders(weights, model: str, sr: str, dtype: torch.dtype, quant: str = "none") -> dict:
+    """Builders for the released networks under `weights` (layout: load_weights.py, "The release").
+    `quant` stores the block linears of the DiTs and the text encoder in int8/fp8 (quant.py); with
+    "none", a folder written by `load_weights.py quantize` keeps its own 8-bit mode."""
     w, dit_config = Path(weights), dit_lib.dit_config
+    dit_dir, sr_dir, text_dir = w / "daVinci-MagiHuman" / model, w / "daVinci-MagiHuman" / f"{sr}_sr", w / lw.TEXT_DIR
+
+    def q(folder):
+        return quant if quant != "none" else lw.checkpoint_quant_mode(folder)
+
     return {
-        "dit": lambda dev: lw.load_dit(w / "daVinci-MagiHuman" / model, dit_config(model), dtype, dev),
-        "sr_dit": lambda dev: lw.load_dit(w / "daVinci-MagiHuman" / f"{sr}_sr", dit_config(f"{sr}_sr"), dtype, dev),
-        "text_encoder": lambda dev: lw.load_text_encoder(w / lw.TEXT_DIR, dtype, dev),
+        "dit": lambda dev: lw.load_dit(dit_dir, dit_config(model), dtype, dev, quant=q(dit_dir)),
+        "sr_dit": lambda dev: lw.load_dit(sr_dir, dit_config(f"{sr}_sr"), dtype, dev, quant=q(sr_dir)),
+        "text_encoder": lambda dev: lw.load_text_encoder(text_dir, dtype, dev, quant=q(text_dir)),
         "tokenizer": lambda dev: lw.load_text_tokenizer(w / lw.TEXT_DIR),
         "turbo": lambda dev: lw.load_turbo_vaed(w / lw.TURBO_JSON, w / lw.TURBO_CKPT, dtype, dev),
         "wan": lambda dev: lw.load_wan_vae(w / lw.WAN_VAE_PTH, dtype, dev),
@@ -826,8 +837,9 @@ def release_builders(weights, model: str, sr: str, dtype: torch.dtype) -> dict:
     }
 
 
-def tiny_builders(dtype: torch.dtype, seed: int = 0) -> dict:
-    """Tiny networks with seeded random weights: the whole pipeline in seconds on a laptop CPU."""
+def tiny_builders(dtype: torch.dtype, seed: int = 0, quant: str = "none") -> dict:
+    """Tiny networks with seeded random weights: the whole pipeline in seconds on a laptop CPU.
+    `quant` quantizes the DiTs' and the text encoder's block linears after the random init."""
 
     def seeded(make):
         def build(dev):
@@ -839,13 +851,13 @@ def tiny_builders(dtype: torch.dtype, seed: int = 0) -> dict:
     def dit(name):
         def build(dev):
             cfg = dit_lib.dit_config("tiny", coords_style="v1" if name == "sr" else "v2")
-            return dit_lib.random_dit(cfg, block_dtype=dtype, seed=seed, device=dev)
+            return q8.quantize_modules(dit_lib.random_dit(cfg, block_dtype=dtype, seed=seed, device=dev), quant)
         return build
 
     return {
         "dit": dit("base"),
         "sr_dit": dit("sr"),
-        "text_encoder": seeded(lambda: te.T5GemmaEncoder(te.T5GemmaEncoderConfig.tiny()).eval()),
+        "text_encoder": seeded(lambda: q8.quantize_modules(te.T5GemmaEncoder(te.T5GemmaEncoderConfig.tiny()).eval(), quant)),
         "tokenizer": lambda dev: te.GemmaTokenizer(te.tiny_tokenizer()),
         "turbo": seeded(lambda: vae.TurboVAED(vae.TurboVAEDConfig.tiny()).eval()),
         "wan": seeded(lambda: vae.WanVAE(vae.WanVAEConfig.tiny()).eval()),
@@ -908,6 +920,7 @@ def encode_text(models: Models, text: str, text_weights=None, progress: bool = F
         feats, n = compute()
     else:
         variant = f"{models.device.type}/{models.dtype}/{te.TEXT_MAX_LEN}"
+        variant += f"/{models.quant}" if models.quant != "none" else ""  # 8-bit weights change the features
         feats, n = lw.cached_text_features(text_weights, text, compute, variant=variant)
     return feats.to(models.device), torch.tensor([n])
 
@@ -1071,6 +1084,9 @@ def build_parser():
                         "the DiT's layers from host memory (24 GB cards); auto (default): the fastest that fits")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the DiT layers (default: on for CUDA)")
+    r.add_argument("--quant", choices=["none", "int8", "fp8"], default="none",
+                   help="store the block linears of the DiTs and the text encoder in 8 bits (about half the weight "
+                        "memory; README 'Low VRAM'). none (default): as on disk")
     return p
 
 
@@ -1161,7 +1177,7 @@ def _check_weights(weights, args) -> None:
 
 
 def memory_needed(req: Request, cfg: SampleConfig, model: str, dtype: torch.dtype, tiny: bool,
-                  on_gpu: bool) -> dict:
+                  on_gpu: bool, quant: str = "none") -> dict:
     """A lower bound of the memory a request needs, in bytes: {"device": ..., "host": ...}.
 
     Counted: the decoded video at its peak in `to_uint8_frames` (float32 output, the scaled copy,
@@ -1186,11 +1202,13 @@ def memory_needed(req: Request, cfg: SampleConfig, model: str, dtype: torch.dtyp
     weights = 0
     if not tiny and not on_gpu:
         weights = int(max(WEIGHTS_GB["dit"], WEIGHTS_GB["text_encoder"]) * 1e9 * (2 if dtype == torch.float32 else 1))
+        if quant != "none":  # 8-bit block linears whatever the compute dtype
+            weights = int(max(WEIGHTS_GB_8BIT.values()) * 1e9)
     return {"device": max(dit_act, decode_device) + weights, "host": host}
 
 
 def _check_memory(req, cfg, args, device, dtype) -> None:
-    need = memory_needed(req, cfg, args.model, dtype, args.tiny_random, device.type == "cuda")
+    need = memory_needed(req, cfg, args.model, dtype, args.tiny_random, device.type == "cuda", args.quant)
     have = {"device": lw.available_memory(device), "host": lw.available_memory("cpu")}
     if device.type == "cpu":
         need = {"device": need["device"] + need["host"]}
@@ -1236,7 +1254,8 @@ def _run(args, written: list) -> None:
     device = lw.parse_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     _check_memory(req, cfg, args, device, dtype)
-    builders = tiny_builders(dtype) if args.tiny_random else release_builders(weights, args.model, args.sr, dtype)
+    builders = (tiny_builders(dtype, quant=args.quant) if args.tiny_random
+                else release_builders(weights, args.model, args.sr, dtype, args.quant))
     _check_prompt_memory(builders["tokenizer"]("cpu"), req.prompt, device)
     if args.compile and device.type == "cpu":
         _check_cpu_compiler()
@@ -1245,8 +1264,8 @@ def _run(args, written: list) -> None:
         if sp is not None and device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         compile_ = args.compile if args.compile is not None else device.type == "cuda"
-        offload = choose_offload(device, args.sr) if args.offload == "auto" else args.offload
-        models = Models(builders, device, dtype, offload, compile_, sp, keep_released=False)
+        offload = choose_offload(device, args.sr, args.quant) if args.offload == "auto" else args.offload
+        models = Models(builders, device, dtype, offload, compile_, sp, keep_released=False, quant=args.quant)
         timer = Timer(device)
         text_weights = None if args.tiny_random else weights / lw.TEXT_DIR
         latents = {}
