@@ -650,6 +650,23 @@ CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
 X264_THREADS = 4
 
 
+def x264_params() -> dict:
+    """Extra libx264 options that keep its output a function of its input alone.
+
+    On CPUs with AVX-512, x264's AVX-512 code (in the macroblock-tree rate control: `mbtree=0` or
+    `rc-lookahead=0` also make it stable) reads heap bytes it never wrote, so the same frames gave a
+    different bitstream now and then (about 1 run in 6 at 64x32; with MALLOC_PERTURB_ set, each fill
+    byte gave its own bytes). Capping x264 at its AVX2 code gives, on clean memory, the same bytes as
+    the AVX-512 code and is stable. Every AVX-512 CPU has AVX2, so the cap never asks for an
+    instruction the CPU lacks; elsewhere x264 keeps its own detection."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return {}
+    return {"x264-params": "asm=AVX2"} if "avx512f" in flags and "avx2" in flags else {}
+
+
 def pcm16(audio: np.ndarray) -> np.ndarray:
     """float [N, C] -> int16 [N, C]: clipped to [-1, 1], scaled by 32767 and rounded, as a 16-bit
     wav is written upstream (the decoder overshoots +-1 now and then)."""
@@ -673,7 +690,7 @@ def mp4_writer(frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, cont
             v = out.add_stream("libx264", rate=fps)
             v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             v.codec_context.thread_count = X264_THREADS
-            v.options = {"crf": "10"}  # imageio's quality 8 maps to CRF 10
+            v.options = {"crf": "10", **x264_params()}  # imageio's quality 8 maps to CRF 10
             a = None
             if audio is not None:
                 a = out.add_stream("aac", rate=OUT_RATE)
