@@ -880,6 +880,8 @@ def build_parser():
     m.add_argument("--vae", choices=["turbo", "wan"], default="turbo", help="video decoder (default turbo)")
     m.add_argument("--weights", default=None, help="folder with the released weights (default $MAGIHUMAN_WEIGHTS or ./weights)")
     m.add_argument("--tiny-random", action="store_true", help="tiny networks with random weights: try the pipeline without weights")
+    m.add_argument("--toy", action="store_true", help="the toy world of toy.py (bouncing balls that beep, 32x32, "
+                   "checkpoints/toy_*; --weights picks another toy checkpoint folder)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output mp4 (default magihuman_<seconds>s_<WxH>.mp4)")
     o.add_argument("--wav", action="store_true", help="also write the audio alone next to the mp4")
@@ -961,6 +963,8 @@ def main(argv=None) -> int:
     import load_weights as lw
 
     args = build_parser().parse_args(argv)
+    if args.toy:
+        return toy_main(args)
     try:
         req, cfg, out = _resolve(args)
         weights = Path(args.weights or os.environ.get("MAGIHUMAN_WEIGHTS", "weights"))
@@ -1037,6 +1041,78 @@ def _end_distributed():
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ==================================================================================================
+# The toy world (toy.py; trained by train.py, distilled by distill.py --toy)
+# ==================================================================================================
+
+TOY_CHECKPOINTS = {"base": "checkpoints/toy_base", "distill": "checkpoints/toy_distill"}
+
+
+def toy_generate(folder, prompt: str, seconds: int = 2, seed: int = 42, model: str = "distill",
+                 steps: int | None = None, progress: bool = True):
+    """One toy clip through the same base pass as the real model (base: CFG against the null prompt
+    and UniPC; distill: step_ddim, no CFG) -> (frames uint8 [F, 32, 32, 3], audio float32 [64 N] at
+    1600 Hz). F = 25·seconds + 1: the last decoded frame is repeated up to the audio's length."""
+    import load_weights as lw
+    import toy
+
+    dit_cfg, norm, words = toy.read_toy_json(folder)
+    try:
+        text = words.encode(prompt)[None]  # [1, n, C]
+    except toy.VocabError as e:
+        raise InputError(str(e)) from None
+    dit = lw.load_dit(folder, dit_cfg, torch.float32, "cpu")
+    cfg = preset(model) if steps is None else preset(model, num_inference_steps=steps)
+    num_frames = num_frames_for(seconds)
+    video, audio = base_pass(dit, cfg, text, torch.tensor([text.shape[1]]), words.null()[None], torch.tensor([1]),
+                             num_frames=num_frames, latent_hw=(16, 16), noise=Noise(seed), progress=progress)
+    frames, wave = toy.Codec(norm).decode(video, audio)
+    frames = frames[0]
+    frames = np.concatenate([frames, np.repeat(frames[-1:], num_frames - len(frames), axis=0)])
+    return frames, wave[0]
+
+
+def toy_main(args) -> int:
+    """`sample.py --toy`: write an mp4 of a toy clip (frames upscaled 8x nearest, audio at 44.1 kHz)."""
+    import sys
+    import time
+    from pathlib import Path
+
+    import load_weights as lw
+    import toy
+
+    try:
+        prompt = args.prompt
+        if args.prompt_file:
+            try:
+                prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+            except OSError as e:
+                raise InputError(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror})") from None
+        if not prompt or not prompt.strip():
+            raise InputError(f"the prompt is empty: pass e.g. --prompt \"{toy.ALL_PROMPTS[0]}\"")
+        toy.WordTable(1).words(prompt)  # words outside the toy's vocabulary: one line, before any loading
+        seconds = 2 if args.seconds is None else args.seconds
+        if seconds <= 0:
+            raise InputError(f"--seconds must be a positive whole number, got {seconds}")
+        if args.steps is not None and args.steps < 1:
+            raise InputError(f"--steps must be at least 1, got {args.steps}")
+        if args.image or args.audio or args.sr != "none":
+            raise InputError("--toy makes text-to-video+audio only (no --image, --audio or --sr)")
+        folder = Path(args.weights) if args.weights else Path(__file__).resolve().parent / TOY_CHECKPOINTS[args.model]
+        out = Path(args.out or f"toy_{seconds}s.mp4")
+        if out.is_dir() or not out.parent.is_dir():
+            raise InputError(f"--out {out}: cannot write there (the folder must exist)")
+        start = time.perf_counter()
+        frames, wave = toy_generate(folder, prompt, seconds, args.seed, args.model, args.steps, not args.quiet)
+        write_mp4(out, toy.upsample_frames(frames), toy.audio_to_44k(wave), fps=25)
+    except (InputError, ValueError, lw.CheckpointError) as e:  # VocabError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({len(frames)} frames 256x256 at 25 fps, {len(wave) / toy.AUDIO_RATE:.2f} s of audio) "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
