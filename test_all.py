@@ -2381,3 +2381,20 @@ def test_sample_toy_refuses_unknown_words(tmp_path):
     r = run_cli("--toy", "--prompt", "a purple ball bounces", "--out", str(out))
     assert r.returncode == 2 and not out.exists()
     assert r.stderr.count("\n") == 1 and "'purple'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("which", ["base", "distill"])
+def test_toy_checkpoints_colour_and_pitch(tmp_path, which):
+    """The committed toy checkpoints, sampled end to end by `sample.py --toy` (8 prompts, one seed
+    each, 2 s) and measured on the written mp4s, have the prompted colour and pitch in >= 90% of
+    the clips (toy.THRESHOLDS). The motion/sync thresholds are NOT reached by these checkpoints yet
+    (README "Train it yourself"), so they are reported here, not asserted."""
+    results = []
+    for i, prompt in enumerate(toy.ALL_PROMPTS):
+        out = tmp_path / f"{i}.mp4"
+        assert sample.main(["--toy", "--model", which, "--prompt", prompt, "--seed", str(i + 1), "--seconds", "2",
+                            "--out", str(out), "--quiet"]) == 0
+        results.append((prompt, toy.measure_mp4(out, 2.0)))
+    s = toy.score(results)
+    print(f"{which}: {toy.describe(s)}")
+    assert s["colour"] >= toy.THRESHOLDS["colour"] and s["pitch"] >= toy.THRESHOLDS["pitch"], toy.describe(s)
