@@ -2376,6 +2376,27 @@ def test_distill_toy_runs_and_resumes_exactly(tmp_path):
     assert frames.shape == (26, 32, 32, 3) and wave.shape == (26 * 64,)
 
 
+def test_train_on_a_latent_file_and_init_from(tmp_path):
+    """The data interface beyond the toy: pre-encoded latents in a file train a preset DiT, and
+    --init-from starts a new run from that checkpoint (the loaded weights are the saved EMA)."""
+    cfg = model.dit_config("tiny")
+    g = torch.Generator().manual_seed(0)
+    from safetensors.torch import save_file
+    save_file({"video": torch.randn(3, 48, 2, 4, 4, generator=g), "audio": torch.randn(3, 5, 64, generator=g),
+               "text": torch.randn(3, 6, cfg.text_in_channels, generator=g), "text_len": torch.tensor([6, 4, 2]),
+               "negative": torch.randn(3, cfg.text_in_channels, generator=g)}, str(tmp_path / "lat.safetensors"))
+    train.main(data=tmp_path / "lat.safetensors", out=tmp_path / "a", steps=2, progress=False, log_every=1)
+    assert all(math.isfinite(json.loads(x)["loss"]) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines())
+    t2 = train.main(data=tmp_path / "lat.safetensors", out=tmp_path / "b", steps=1, progress=False,
+                    init_from=tmp_path / "a" / "ckpt-0000002", ema_decay=0.0, lr=1e-30, weight_decay=0.0)
+    saved = load_weights.read_safetensors(tmp_path / "a" / "ckpt-0000002" / "model.safetensors")
+    for k, v in t2.net.state_dict().items():
+        assert torch.allclose(v, saved[k], atol=1e-6), k
+    r = subprocess.run([sys.executable, str(HERE / "train.py"), "--data", str(tmp_path / "nope.safetensors"),
+                        "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not found" in r.stderr
+
+
 def test_sample_toy_refuses_unknown_words(tmp_path):
     out = tmp_path / "x.mp4"
     r = run_cli("--toy", "--prompt", "a purple ball bounces", "--out", str(out))

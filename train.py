@@ -407,5 +407,6 @@ if __name__ == "__main__":
             print(f"{evaluate} ({model}): {toy.describe(s)} -> {'PASS' if toy.passes(s) else 'below the thresholds'}")
         else:
             main(**vars(args))
-    except (ValueError, load_weights.CheckpointError) as e:  # bad input: one line, no traceback
-        sys.exit(f"train.py: error: {e}")
+    except (ValueError, load_weights.CheckpointError) as e:  # bad input: one line, no traceback, exit 2
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
