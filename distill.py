@@ -1082,14 +1082,16 @@ def build(teacher, prompts: PromptBank, cfg: DistillConfig, dit_cfg: DiTConfig, 
 
 
 def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out="distill_out", tiny_random=False, iters=1000,
-         seconds=4.0, width=448, height=256, gan_data=None, save_every=200, log_every=10, resume=False,
-         device=None, **overrides):
+         seconds=None, width=448, height=256, gan_data=None, save_every=200, log_every=10, resume=False,
+         device=None, toy=False, **overrides):
     """Train with DMD-2 and write checkpoints to `out` (see `save_checkpoint`); `overrides` are
     DistillConfig fields."""
+    if seconds is None:
+        seconds = 2.0 if toy else 4.0  # the toy teacher was trained on 2 s clips
     if not (math.isfinite(seconds) and seconds > 0):
         raise load_weights.InputError(f"--seconds must be a positive number, got {seconds}")
     latent_shapes(seconds, width, height)  # refuses sizes under 32 px
-    if not tiny_random:
+    if not (tiny_random or toy):
         _check_inputs(teacher, prompts, text_features, out)
     elif os.path.lexists(out) and not Path(out).is_dir():
         raise load_weights.InputError(f"--out {out}: exists and is not a folder")
@@ -1098,7 +1100,21 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
     if cfg.gan_layer < 0:
         raise ValueError("--gan-layer must be >= 0")
     real = None
-    if tiny_random:
+    toy_info = None
+    if toy:
+        # The toy world (toy.py): the teacher is a train.py checkpoint, the prompts are the world's 8.
+        import toy as toy_lib
+
+        teacher = Path(teacher or Path(__file__).resolve().parent / "checkpoints" / "toy_base")
+        dit_cfg, norm, words = toy_lib.read_toy_json(teacher)
+        bank = PromptBank([words.encode(p) for p in toy_lib.ALL_PROMPTS], words.null())
+        T, N = toy_lib.num_latents(seconds)
+        shapes = ((dit_cfg.latent_channels, T, 16, 16), (N, dit_cfg.audio_in_channels))
+        cfg.gan_layer = min(cfg.gan_layer, dit_cfg.num_layers - 1)
+        if cfg.gan:
+            raise load_weights.InputError("--toy has no GAN data; drop --gan")
+        toy_info = (toy_lib, dit_cfg, norm)
+    elif tiny_random:
         # Everything random and tiny: a CPU demo of the full loop (and the CLI test).
         dit_cfg = dit_config("tiny")
         g = torch.Generator().manual_seed(1234)  # the same "teacher" and "prompts" on every rank and run
@@ -1116,7 +1132,7 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
         dit_cfg = dit_config("base")  # the teacher is the released base model (same config as distill)
         if cfg.gan_layer >= dit_cfg.num_layers:
             raise ValueError(f"--gan-layer must be < {dit_cfg.num_layers}")
-        shapes = latent_shapes(seconds, width, height)
+        shapes = latent_shapes(seconds or 4.0, width, height)
         texts = read_prompts(prompts)
         features = Path(text_features or Path(out) / "text_features.safetensors")
         if not features.is_file():  # computed once, then every run (and resume) reads the cache
@@ -1149,6 +1165,10 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
         if d.iteration % save_every == 0 or d.iteration == iters:  # every rank: saving is collective
             folder = save_checkpoint(d, out)
+            if rank == 0 and toy_info is not None:  # the toy's constants travel with every network
+                lib, dcfg, norm = toy_info
+                for sub in (EMA_DIR, STUDENT_DIR):
+                    lib.write_toy_json(folder / sub, dcfg, norm, {"seconds": seconds, "distilled_from": str(teacher)})
             if rank == 0:
                 bar.write(f"saved {folder} (distilled model: {folder / EMA_DIR})")
     return d
@@ -1194,8 +1214,10 @@ def parse_args(argv=None):
                                           "(default: t5gemma-9b-9b-ul2 beside the daVinci-MagiHuman folder)")
     p.add_argument("--out", default="distill_out", help="output folder for checkpoints and log.jsonl")
     p.add_argument("--tiny-random", action="store_true", help="tiny random DiT and text on CPU (demo / test)")
+    p.add_argument("--toy", action="store_true", help="the toy world of toy.py: --teacher is a train.py --toy "
+                   "checkpoint (default checkpoints/toy_base), the prompts are the world's 8")
     p.add_argument("--iters", type=int, default=1000, help="total iterations (critic steps)")
-    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--seconds", type=float, default=None, help="clip length (default 4; 2 with --toy)")
     p.add_argument("--width", type=int, default=448)
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--save-every", type=int, default=200)

@@ -1072,7 +1072,8 @@ def build_parser():
     g.add_argument("--image", help="reference image for the first frame (TI2V)")
     g.add_argument("--audio", help="speech/audio track to animate (A2V); its first --seconds are used, "
                                    "a shorter track sets the clip's length")
-    g.add_argument("--seconds", type=int, default=4, help="clip length in whole seconds (default 4, as upstream)")
+    g.add_argument("--seconds", type=int, default=None,
+                   help="clip length in whole seconds (default 4, as upstream; 2 with --toy, what it was trained on)")
     g.add_argument("--size", default="448x256", help="base video size WxH in pixels, floored to multiples of 32 (default 448x256)")
     g.add_argument("--sr", choices=["none", "540p", "1080p"], default="none",
                    help="latent super-resolution with the 540p or 1080p SR model: the shorter side becomes "
@@ -1087,6 +1088,8 @@ def build_parser():
     m.add_argument("--vae", choices=["turbo", "wan"], default="turbo", help="video decoder (default turbo)")
     m.add_argument("--weights", default=None, help="folder with the released weights (default $MAGIHUMAN_WEIGHTS or ./weights)")
     m.add_argument("--tiny-random", action="store_true", help="tiny networks with random weights: try the pipeline without weights")
+    m.add_argument("--toy", action="store_true", help="the toy world of toy.py (bouncing balls that beep, 32x32, "
+                   "checkpoints/toy_*; --weights picks another toy checkpoint folder)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output video, .mp4 (or .mov, .mkv) (default magihuman_<seconds>s_<WxH>.mp4)")
     o.add_argument("--wav", action="store_true", help="also write the audio alone, as OUT with the extension .wav")
@@ -1113,6 +1116,8 @@ MAX_STEPS = 1000  # the training grid has 1000 timesteps; more steps would repea
 def _resolve(args):
     """Validate every argument, read the inputs and check every output path, before any network is
     built. Returns (Request, SampleConfig, {flag: output path})."""
+    if args.seconds is None:
+        args.seconds = 4  # upstream's default
     if args.prompt_file and args.prompt is not None:
         raise InputError("give --prompt or --prompt-file, not both")
     prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
@@ -1257,7 +1262,7 @@ def main(argv=None) -> int:
             return f"interrupted: after writing {', '.join(map(str, written))}"
         return "interrupted: no output written"
 
-    return lw.guarded(lambda: _run(args, written), interrupted=interrupted)
+    return lw.guarded(lambda: (toy_main if args.toy else _run)(args, written), interrupted=interrupted)
 
 
 def _run(args, written: list) -> None:
@@ -1339,6 +1344,68 @@ def _init_distributed(device):
     rank 0 decodes and writes."""
     rank, world, _ = dit_lib.init_distributed(device)
     return rank, (dit_lib.SequenceParallel() if world > 1 else None)
+
+
+# ==================================================================================================
+# The toy world (toy.py; trained by train.py, distilled by distill.py --toy)
+# ==================================================================================================
+
+TOY_CHECKPOINTS = {"base": "checkpoints/toy_base", "distill": "checkpoints/toy_distill"}
+
+
+def toy_generate(folder, prompt: str, seconds: int = 2, seed: int = 42, model: str = "distill",
+                 steps: int | None = None, progress: bool = True):
+    """One toy clip through the same base pass as the real model (base: CFG against the null prompt
+    and UniPC; distill: step_ddim, no CFG) -> (frames uint8 [F, 32, 32, 3], audio float32 [64 N] at
+    1600 Hz). F = 25·seconds + 1: the last decoded frame is repeated up to the audio's length."""
+    import load_weights as lw
+    import toy
+
+    dit_cfg, norm, words = toy.read_toy_json(folder)
+    try:
+        text = words.encode(prompt)[None]  # [1, n, C]
+    except toy.VocabError as e:
+        raise InputError(str(e)) from None
+    dit = lw.load_dit(folder, dit_cfg, torch.float32, "cpu")
+    cfg = preset(model) if steps is None else preset(model, num_inference_steps=steps)
+    num_frames = num_frames_for(seconds)
+    video, audio = base_pass(dit, cfg, text, torch.tensor([text.shape[1]]), words.null()[None], torch.tensor([1]),
+                             num_frames=num_frames, latent_hw=(16, 16), noise=Noise(seed), progress=progress)
+    frames, wave = toy.Codec(norm).decode(video, audio)
+    frames = frames[0]
+    frames = np.concatenate([frames, np.repeat(frames[-1:], num_frames - len(frames), axis=0)])
+    return frames, wave[0]
+
+
+def toy_main(args, written: list) -> None:
+    """`sample.py --toy`: write an mp4 of a toy clip (frames upscaled 8x nearest, audio at 44.1 kHz).
+    Bad input is checked with the same helpers as the real pipeline, before any network is built."""
+    import toy
+
+    prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
+    if not prompt or not prompt.strip():
+        raise InputError(f"the prompt is empty: pass e.g. --prompt \"{toy.ALL_PROMPTS[0]}\"")
+    try:
+        toy.WordTable(1).words(prompt)  # words outside the toy's vocabulary: one line, before any loading
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    seconds = 2 if args.seconds is None else args.seconds
+    if not 0 < seconds <= 60:
+        raise InputError(f"--toy: --seconds must be a whole number from 1 to 60, got {seconds}")
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    if args.image or args.audio or args.sr != "none":
+        raise InputError("--toy makes text-to-video+audio only (no --image, --audio or --sr)")
+    folder = Path(args.weights) if args.weights else Path(__file__).resolve().parent / TOY_CHECKPOINTS[args.model]
+    out = lw.check_output_path(args.out or f"toy_{seconds}s.mp4", "--out")
+    if out.suffix.lower() not in CONTAINERS:
+        raise InputError(f"--out {out}: the extension must be one of {', '.join(CONTAINERS)}")
+    start = time.perf_counter()
+    frames, wave = toy_generate(folder, prompt, seconds, args.seed, args.model, args.steps, not args.quiet)
+    write_mp4(out, toy.upsample_frames(frames), toy.audio_to_44k(wave), fps=25)
+    written.append(out)
+    print(f"wrote {_shown(out)} ({len(frames)} frames 256x256 at 25 fps, {len(wave) / toy.AUDIO_RATE:.2f} s of audio) "
+          f"in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

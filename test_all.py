@@ -3043,3 +3043,152 @@ def test_quant_sampling_goldens_final_latents(mode):
         bound = QUANT_SAMPLING_BOUND[mode]
         check_tols({"out.video": got["out.video"], "out.audio": got["out.audio"]}, t,
                    {"out.video": bound, "out.audio": bound}, f"{case.stem} {mode}")
+
+
+# ---- issue 14: the toy world, train.py, sample.py --toy, distill.py --toy ----
+
+import toy  # noqa: E402
+import train  # noqa: E402
+
+
+def test_toy_codec_round_trips_exactly():
+    """The codec is a permutation of values: decode(encode(x)) == x bit for bit, and each value lands
+    where the documented layout says (checked by an independent loop); the normalised codec gives the
+    uint8 frames back exactly (audio to float32 rounding of the affine map)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 9, 32, 32, generator=g)  # T = 3 latent frames
+    z = toy.encode_video(x)
+    assert z.shape == (2, 48, 3, 16, 16)
+    assert torch.equal(toy.decode_video(z), x)
+    for c, f, r, q in [(0, 0, 0, 0), (2, 5, 31, 6), (1, 8, 17, 30)]:
+        t, j = (0, 0) if f == 0 else ((f + 3) // 4, (f - 1) % 4)  # frame f -> latent frame t, slot j
+        assert z[1, c * 16 + j * 4 + (r % 2) * 2 + q % 2, t, r // 2, q // 2] == x[1, c, f, r, q]
+    assert torch.equal(z[:, :, 0].reshape(2, 3, 4, 4, 16, 16)[:, :, 3], z[:, :, 0].reshape(2, 3, 4, 4, 16, 16)[:, :, 0])
+    wave = torch.randn(2, 64 * 5, generator=g)
+    assert toy.encode_audio(wave).shape == (2, 5, 64) and torch.equal(toy.decode_audio(toy.encode_audio(wave)), wave)
+    codec = toy.Codec(toy.measure_normalisation(32))
+    clips = [toy.make_clip(s, 1.0) for s in (3, 4)]
+    frames, audio = np.stack([c[1] for c in clips]), np.stack([c[2] for c in clips])
+    video, lat_audio = codec.encode(frames, audio)
+    assert video.shape == (2, 48, 7, 16, 16) and lat_audio.shape == (2, 26, 64)
+    back_frames, back_audio = codec.decode(video, lat_audio)
+    assert np.array_equal(back_frames, frames)
+    assert np.abs(back_audio - audio).max() < 1e-6
+
+
+def _write_toy_mp4(path, frames, wave):
+    frames = np.concatenate([frames, np.repeat(frames[-1:], 2, axis=0)])  # 49 -> 51, as sample.py --toy
+    sample.write_mp4(path, toy.upsample_frames(frames), toy.audio_to_44k(wave))
+
+
+def test_toy_checker_on_true_and_wrong_clips(tmp_path):
+    """The checker passes clips of the world itself (written as mp4, decoded with PyAV) and fails
+    clips whose sound belongs to another clip, silent clips and prompts of the wrong colour."""
+    right, swapped, wrong_colour = [], [], []
+    for i in range(8):
+        p, frames, wave = toy.make_clip(100 + i, 2.0)
+        q, _, other_wave = toy.make_clip(200 + i, 2.0, pitch=p.pitch)
+        _write_toy_mp4(tmp_path / "a.mp4", frames, wave)
+        m = toy.measure_mp4(tmp_path / "a.mp4", 2.0)
+        truth = [round(c * 25) for c in p.contacts(48.5 / 25)]
+        assert all(any(abs(c - t) <= 1 for c in m.contacts) for t in truth), (m.contacts, truth)
+        right.append((p.prompt, m))
+        other = [c for c in toy.COLOURS if c != p.colour][i % 3]
+        wrong_colour.append((toy.prompt_for(other, p.pitch), m))
+        _write_toy_mp4(tmp_path / "b.mp4", frames, other_wave)
+        swapped.append((p.prompt, toy.measure_mp4(tmp_path / "b.mp4", 2.0)))
+    s = toy.score(right)
+    assert s["colour"] == s["pitch"] == s["count"] == 1.0 and s["sync"] >= 0.95 and toy.passes(s), s
+    assert toy.score(wrong_colour)["colour"] == 0.0
+    s = toy.score(swapped)
+    assert s["sync"] < 0.5 and not toy.passes(s), s
+    _write_toy_mp4(tmp_path / "c.mp4", frames, np.zeros_like(wave))
+    m = toy.measure_mp4(tmp_path / "c.mp4", 2.0)
+    assert m.pitch is None and m.onsets == []
+
+
+def _files_equal(a: Path, b: Path) -> None:
+    ta, tb = load_weights.read_safetensors(a), load_weights.read_safetensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{a.name}: {k} differs"
+
+
+def test_train_toy_runs_and_resumes_exactly(tmp_path):
+    """4 steps in one go == 2 steps, stop, resume, 2 more: weights, EMA, optimiser moments and RNG."""
+    kw = dict(toy=True, seconds=1.0, batch_size=2, warmup=2, ema_start=1, save_every=2, log_every=1, progress=False)
+    train.main(out=tmp_path / "a", steps=4, **kw)
+    train.main(out=tmp_path / "b", steps=2, **kw)
+    train.main(out=tmp_path / "b", steps=4, resume=True, **kw)
+    a, b = tmp_path / "a" / "ckpt-0000004", tmp_path / "b" / "ckpt-0000004"
+    for name in ("model.safetensors", "raw/model.safetensors", "train_state_rank0.safetensors"):
+        _files_equal(a / name, b / name)
+    assert not torch.equal(load_weights.read_safetensors(a / "model.safetensors")["final_linear_video.weight"],
+                           load_weights.read_safetensors(tmp_path / "a" / "ckpt-0000002" / "model.safetensors")["final_linear_video.weight"])
+    logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in logs)
+    # The checkpoint is a toy model sample.py can read (official keys, toy.json beside it).
+    cfg, norm, words = toy.read_toy_json(a)
+    load_weights.load_dit(a, cfg, torch.float32)
+
+
+def test_distill_toy_runs_and_resumes_exactly(tmp_path):
+    kw = dict(toy=True, seconds=1.0, batch_size=1, warmup=1, save_every=1, progress=False)
+    train.main(out=tmp_path / "base", steps=1, **kw)
+    teacher = tmp_path / "base" / "ckpt-0000001"
+    dk = dict(toy=True, teacher=teacher, seconds=1.0, critic_ratio=2, grad_checkpointing=False,
+              lr_generator=1e-4, lr_critic=1e-4, ema_start=0, save_every=1, log_every=1)
+    distill.main(out=tmp_path / "a", iters=3, **dk)
+    distill.main(out=tmp_path / "b", iters=2, **dk)
+    distill.main(out=tmp_path / "b", iters=3, resume=True, **dk)
+    a, b = tmp_path / "a" / "ckpt-0000003", tmp_path / "b" / "ckpt-0000003"
+    for name in ("student_ema/model.safetensors", "critic/model.safetensors", "train_state_rank0.safetensors"):
+        _files_equal(a / name, b / name)
+    frames, wave = sample.toy_generate(a / "student_ema", toy.ALL_PROMPTS[0], 1, seed=1, progress=False)
+    assert frames.shape == (26, 32, 32, 3) and wave.shape == (26 * 64,)
+
+
+def test_train_on_a_latent_file_and_init_from(tmp_path):
+    """The data interface beyond the toy: pre-encoded latents in a file train a preset DiT, and
+    --init-from starts a new run from that checkpoint (the loaded weights are the saved EMA)."""
+    cfg = model.dit_config("tiny")
+    g = torch.Generator().manual_seed(0)
+    from safetensors.torch import save_file
+    save_file({"video": torch.randn(3, 48, 2, 4, 4, generator=g), "audio": torch.randn(3, 5, 64, generator=g),
+               "text": torch.randn(3, 6, cfg.text_in_channels, generator=g), "text_len": torch.tensor([6, 4, 2]),
+               "negative": torch.randn(3, cfg.text_in_channels, generator=g)}, str(tmp_path / "lat.safetensors"))
+    train.main(data=tmp_path / "lat.safetensors", out=tmp_path / "a", steps=2, progress=False, log_every=1)
+    assert all(math.isfinite(json.loads(x)["loss"]) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines())
+    t2 = train.main(data=tmp_path / "lat.safetensors", out=tmp_path / "b", steps=1, progress=False,
+                    init_from=tmp_path / "a" / "ckpt-0000002", ema_decay=0.0, lr=1e-30, weight_decay=0.0)
+    saved = load_weights.read_safetensors(tmp_path / "a" / "ckpt-0000002" / "model.safetensors")
+    for k, v in t2.net.state_dict().items():
+        assert torch.allclose(v, saved[k], atol=1e-6), k
+    r = subprocess.run([sys.executable, str(HERE / "train.py"), "--data", str(tmp_path / "nope.safetensors"),
+                        "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not found" in r.stderr
+
+
+def test_sample_toy_refuses_unknown_words(tmp_path):
+    out = tmp_path / "x.mp4"
+    r = run_cli("--toy", "--prompt", "a purple ball bounces", "--out", str(out))
+    assert r.returncode == 2 and not out.exists()
+    assert r.stderr.count("\n") == 1 and "'purple'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("which", ["base", "distill"])
+def test_toy_checkpoints_colour_and_pitch(tmp_path, which):
+    """The committed toy checkpoints, sampled end to end by `sample.py --toy` (8 prompts, one seed
+    each, 2 s) and measured on the written mp4s, have the prompted colour and pitch in >= 90% of
+    the clips (toy.THRESHOLDS). The motion/sync thresholds are NOT reached by these checkpoints yet
+    (README "Train it yourself"), so they are reported here, not asserted."""
+    results = []
+    for i, prompt in enumerate(toy.ALL_PROMPTS):
+        out = tmp_path / f"{i}.mp4"
+        assert sample.main(["--toy", "--model", which, "--prompt", prompt, "--seed", str(i + 1), "--seconds", "2",
+                            "--out", str(out), "--quiet"]) == 0
+        results.append((prompt, toy.measure_mp4(out, 2.0)))
+    s = toy.score(results)
+    print(f"{which}: {toy.describe(s)}")
+    assert s["colour"] >= toy.THRESHOLDS["colour"] and s["pitch"] >= toy.THRESHOLDS["pitch"], toy.describe(s)
