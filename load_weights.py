@@ -672,12 +672,14 @@ def new_lora(dit: nn.Module, rank: int, alpha: float | None = None, targets=LORA
                  for n, m in modules.items()})
 
 
-def save_lora(path, lora: LoRA, metadata: dict | None = None) -> None:
-    """Adapters -> safetensors (atomic): the keys above, fp32, alpha and rank in the metadata."""
+def save_lora(path, state_dict: dict, alpha: float, metadata: dict | None = None) -> None:
+    """Adapters (`LoRA.state_dict()`) -> safetensors (atomic): the keys above, fp32, alpha and rank in
+    the metadata."""
     from safetensors.torch import save_file
 
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in lora.state_dict().items()}
-    meta = {"format": LORA_FORMAT, "lora_alpha": repr(lora.alpha), "lora_rank": str(lora.rank), **(metadata or {})}
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
+    rank = next(v.shape[0] for k, v in sd.items() if k.endswith(".lora_A.weight"))
+    meta = {"format": LORA_FORMAT, "lora_alpha": repr(float(alpha)), "lora_rank": str(rank), **(metadata or {})}
     atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()}))
 
 
