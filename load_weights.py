@@ -709,8 +709,8 @@ def load_lora(path, dit: nn.Module) -> LoRA:
         pairs.setdefault(name, {})[tail[0]] = sd[k]
     alpha = float(meta["lora_alpha"]) if "lora_alpha" in meta else None
     adapters = {}
-    for name, ab in pairs.items():
-        m = modules[name]
+    for name in [n for n in modules if n in pairs]:  # the DiT's module order, whatever the file's
+        ab, m = pairs[name], modules[name]
         for part in "AB":
             if part not in ab:
                 raise CheckpointError(f"{path}: key {name}.lora_{part}.weight is missing (its pair is present)")
