@@ -4,6 +4,8 @@ that yields latents, FSDP2 under torchrun.
     python train.py --toy --out runs/toy                     # the toy world (toy.py) on the CPU
     python train.py --data latents.safetensors --preset base --init-from DIR --out runs/ft
     torchrun --nproc-per-node 8 train.py --data ... --out ...   # FSDP2, the same code as distill.py
+    python train.py prepare CLIPS --weights W --out CACHE      # your clips -> cached latents (--data CACHE)
+    python train.py --data CACHE --preset base --init-from W/daVinci-MagiHuman/base --lora-rank 16 --out runs/lora
 
 The official release has no training code; this file mirrors no official file. What it trains is
 exactly what sample.py samples: a `model.DiT` that maps noisy (video, audio) latents plus text
@@ -24,7 +26,8 @@ The objective (the convention of sample.py's samplers):
 
 A data source is any object with `batch(B, generator) -> (video [B, 48, T, h, w], audio [B, N, 64],
 distill.Text)` and `negative` (the negative-prompt features [n, C]); `ToyData` renders clips from
-toy.py on the fly, `LatentFile` reads pre-encoded latents. Checkpoints (`OUT/ckpt-NNNNNNN/`):
+toy.py on the fly, `LatentFile` reads pre-encoded latents, `CachedLatents` a `train.py prepare`
+folder. Checkpoints (`OUT/ckpt-NNNNNNN/`):
 `model.safetensors` = the EMA weights under the official key names (load_weights.load_dit reads it,
 sample.py samples it), `raw/model.safetensors` the live weights, `train_state_rank{r}.safetensors`
 optimiser moments, EMA and RNG, `state.json` the counters, `toy.json` the toy's constants.
@@ -535,6 +538,10 @@ class LoRANet(load_weights.LoRA):
 
 def lora_network(cfg: TrainConfig, dit_cfg: DiTConfig, init_from, ckpt, device, mesh) -> LoRANet:
     """Frozen base (bf16 block linears unless --no-lora-base-bf16) + fp32 adapters, resumed from `ckpt`."""
+    if ckpt is not None and (ckpt / "lora_base.json").is_file():  # adapters only fit the base they were trained on
+        was = json.loads((ckpt / "lora_base.json").read_text())["init_from"]
+        if was != (None if init_from is None else str(init_from)):
+            raise ValueError(f"{ckpt}: these adapters were trained on {was or 'random weights'}; resume with that base")
     base = init_from if init_from is not None else init_random_(DiT(dit_cfg, block_dtype=torch.float32), cfg.seed).state_dict()
     dtype = torch.bfloat16 if cfg.lora_base_bf16 else torch.float32
     dit = distill.load_network(base, dit_cfg, dtype, device, mesh, cfg.grad_checkpointing)
@@ -618,6 +625,8 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
         net = lora_network(cfg, dit_cfg, init_from, ckpt, device, mesh)
         extra["lora.safetensors"] = lambda folder: load_weights.save_lora(
             folder / "lora.safetensors", trainer.ema_state_dict(), net.alpha, {"preset": preset})
+        extra["lora_base.json"] = lambda folder: (folder / "lora_base.json").write_text(
+            json.dumps({"init_from": None if init_from is None else str(init_from)}))
     else:
         net = distill.load_network(init, dit_cfg, torch.float32, device, mesh, cfg.grad_checkpointing)
     trainer = Trainer(cfg, net, source, device=device, rank=rank, mesh=mesh)
@@ -686,7 +695,8 @@ def evaluate_toy(folder, model: str = "base", clips: int = 16, seconds: int = 2,
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Flow-matching training of the daVinci-MagiHuman DiT (toy world or "
-                                "pre-encoded latents). Multi-GPU: torchrun --nproc-per-node N train.py ...")
+                                "pre-encoded latents). Multi-GPU: torchrun --nproc-per-node N train.py ...",
+                                epilog="your own clips -> cached latents first: python train.py prepare --help")
     p.add_argument("--toy", action="store_true", help="train the toy world of toy.py (CPU, minutes)")
     p.add_argument("--data", help="pre-encoded latents: a `train.py prepare` folder, or one safetensors file "
                    "(video, audio, text, text_len, negative)")
