@@ -2360,6 +2360,8 @@ def test_prepare_writes_the_encoders_latents_skips_done_and_reports_broken(prepa
     out = capsys.readouterr().out
     assert rc == 1 and "0 clip(s) written, 3 already done, 2 failed" in out and "d.mkv" in out
     assert stamps == {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert train.prepare_main([str(clips / "nowhere"), "--out", str(cache), "--tiny-random"]) == 2  # bad input
+    assert "nowhere: clips folder not found" in capsys.readouterr().err
 
 
 def fixed_eval_loss(net, source, seed=123) -> float:
@@ -2389,12 +2391,17 @@ def test_lora_training_loss_falls_and_resume_is_bit_for_bit(prepared_clips, tmp_
     save_file({"negative": torch.randn(4, 48, generator=g)}, str(cache / "negative.safetensors"))
     common = dict(log_every=1, progress=False, lora_rank=4, lora_alpha=8.0, lora_base_bf16=False,
                   lr=3e-2, warmup=1, batch_size=2, text_dropout=0.5, ema_decay=0.9, ema_start=2)
-    t = train.main(data=str(cache), out=str(tmp_path / "fall"), steps=15, save_every=15, **common)
+    t = train.main(data=str(cache), out=str(tmp_path / "fall"), steps=15, save_every=15, sample_every=15,
+                   sample_steps=2, **common)
     source = train.CachedLatents(cache, 48)
     base_net = train.lora_network(t.cfg, model.dit_config("tiny"), None, None, "cpu", None)  # B = 0: the base
     before, after = fixed_eval_loss(base_net, source), fixed_eval_loss(t.net, source)
     print(f"fixed-noise loss on the cached clips: base {before:.3f} -> LoRA after 15 steps {after:.3f}")
     assert after < 0.8 * before  # measured 6.10 -> 3.95
+    import av
+
+    with av.open(str(tmp_path / "fall" / "samples" / "step-0000015.mp4")) as c:  # the --sample-every preview
+        assert [s.type for s in c.streams] == ["video", "audio"] and c.streams.video[0].frames == 5
     lora_file = tmp_path / "fall" / "ckpt-0000015" / "lora.safetensors"
     assert load_weights.load_lora(lora_file, base_net.dit).alpha == 8.0
 

@@ -349,13 +349,18 @@ def read_clip_frames(path, frames: int, width: int, height: int, fps: int = 25) 
     import vae
 
     out = []
-    with av.open(str(path)) as container:
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise ValueError(f"not a readable video file ({e.strerror or type(e).__name__})") from None
+    with container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
+        start = stream.start_time or 0  # mp4 edit lists can start the first frame past 0
         last = None
         for frame in container.decode(stream):
-            t = float(frame.pts * stream.time_base) if frame.pts is not None else len(out) / fps
+            t = float((frame.pts - start) * stream.time_base) if frame.pts is not None else len(out) / fps
             while len(out) < frames and last is not None and t > len(out) / fps + 1e-6:
                 out.append(last)  # frame len(out) is shown from the previous source frame
             if len(out) >= frames:
@@ -398,6 +403,7 @@ def prepare(clips_dir, out, weights=None, tiny_random=False, size=(448, 256), se
     import sample
     import text_encoder as te
 
+    clips = find_clips(clips_dir)  # bad input first, before any network loads
     width, height = size
     lh, lw = sample.latent_size(width, height)
     width, height = 16 * lw, 16 * lh  # the pipeline's floor to multiples of 32
@@ -420,7 +426,6 @@ def prepare(clips_dir, out, weights=None, tiny_random=False, size=(448, 256), se
     out = Path(out)
     parts = out / ".parts"
     parts.mkdir(parents=True, exist_ok=True)
-    clips = find_clips(clips_dir)
     failed = {c.name: f"{c.path}: {c.error}" for c in clips if c.error}
     skipped = [c.name for c in clips if c.name not in failed and (out / f"{c.name}.safetensors").is_file()]
     pending = [c for c in clips if c.name not in failed and c.name not in skipped]
@@ -734,7 +739,8 @@ def parse_args(argv=None):
 
 
 def prepare_main(argv) -> int:
-    """`train.py prepare CLIPS --out CACHE ...`: exit 0 when every clip is cached, 1 if some failed."""
+    """`train.py prepare CLIPS --out CACHE ...`: exit 0 when every clip is cached, 1 if some failed,
+    2 on bad input (no such folder, no clips, bad --size, missing weights)."""
     import sample
 
     p = argparse.ArgumentParser(prog="train.py prepare", description="Encode a folder of clips (mp4/mov/mkv/webm "
@@ -752,8 +758,9 @@ def prepare_main(argv) -> int:
     try:
         s = prepare(a.clips, a.out, a.weights, a.tiny_random, sample.parse_size(a.size), a.seconds, a.device, a.seed,
                     a.progress)
-    except (ValueError, load_weights.CheckpointError) as e:
-        sys.exit(f"train.py prepare: error: {e}")
+    except (ValueError, load_weights.CheckpointError) as e:  # bad input: one line, exit 2
+        print(f"train.py prepare: error: {e}", file=sys.stderr)
+        return 2
     print(f"prepare: {len(s['done'])} clip(s) written, {len(s['skipped'])} already done, {len(s['failed'])} failed")
     for msg in s["failed"].values():
         print(f"  failed: {msg}")
