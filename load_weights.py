@@ -755,7 +755,10 @@ def merge_lora(dit: nn.Module, lora: LoRA, scale: float = 1.0) -> nn.Module:
     """W += scale · (alpha / r) · B @ A in place (fp32 sum, rounded once to W's dtype); a negative
     scale unmerges (exactly only for fp32 weights: a bf16 weight is rounded at each merge)."""
     for name, adapter in lora.adapters():
-        w = dit.get_submodule(name).weight  # [out, in]
+        w = getattr(dit.get_submodule(name), "weight", None)  # [out, in]
+        if w is None or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name}: cannot merge a LoRA into {getattr(w, 'dtype', 'quantized')} weights; "
+                             "merge before quantizing, or run the adapters unmerged")
         w.copy_((w.float() + scale * adapter.weight_delta().to(w.device)).to(w.dtype))
     return dit
 
