@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import zstandard
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors, load_file, save_file
@@ -849,6 +850,192 @@ def load_audio_vae(folder, device="cpu", parts=("encoder", "decoder")):
         raise CheckpointError(f"{path}: no '{SAO_PREFIX}*' tensors (not a Stable Audio Open checkpoint?)")
     sd = {k[len(SAO_PREFIX) :]: v for k, v in read_safetensors(path, names).items()}
     return oobleck_from_state_dict(sd, config, parts, source=str(path)).to(device)
+
+
+# ==================================================================================================
+# LoRA adapters of the DiT's block linears: build, read/write (safetensors), attach or merge
+# ==================================================================================================
+# No official LoRA exists; the file format follows the common `lora_A`/`lora_B` convention so other
+# tools can read it. For every adapted linear `<module>` (its checkpoint key minus `.weight`, e.g.
+# `block.layers.0.attention.linear_qkv`) with checkpoint weight W [out, in]:
+#     <module>.lora_A.weight  [r, in]      <module>.lora_B.weight  [out, r]
+#     W' = W + scale · (alpha / r) · B @ A          alpha: metadata "lora_alpha" (default r)
+# The sandwich layers' expert linears hold 3 experts stacked on dim 0 (W is [3·out_e, in]); their
+# adapter shares A across experts and each expert takes its rows of B, which is exactly the plain
+# update of the stacked W, so a tool that knows nothing of experts merges it correctly.
+
+LORA_TARGETS = ("attention.linear_qkv", "attention.linear_proj", "mlp.up_gate_proj", "mlp.down_proj")
+LORA_FORMAT = "magihuman-lora-v1"
+
+
+class LoRALinear(nn.Module):
+    """One adapter, fp32: lora_A [r, in] ~ N(0, 1/in), lora_B [out, r] = 0 (the update starts at 0)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, num_experts: int = 1,
+                 alpha: float | None = None, generator: torch.Generator | None = None, device=None):
+        super().__init__()
+        self.rank, self.num_experts = rank, num_experts
+        self.alpha = float(rank if alpha is None else alpha)
+        # Bias-free nn.Linear so the keys read `lora_A.weight` / `lora_B.weight`, as the format says.
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device)
+        if self.lora_A.weight.device.type != "meta":
+            with torch.no_grad():
+                self.lora_A.weight.copy_(torch.randn(rank, in_features, generator=generator) / in_features**0.5)
+                self.lora_B.weight.zero_()
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, x: torch.Tensor, sizes=None) -> torch.Tensor:
+        """The update's output for the linear's input x [B, L, in] -> [B, L, out] float32."""
+        h = F.linear(x.float(), self.lora_A.weight)  # [B, L, r]
+        if self.num_experts == 1:
+            return F.linear(h, self.lora_B.weight) * self.scale
+        # Experts split the sequence by modality exactly like model.ExpertLinear (video, audio, text).
+        rows = self.lora_B.weight.chunk(self.num_experts, dim=0)  # E x [out_e, r]
+        return torch.cat([F.linear(p, rows[e]) for e, p in enumerate(h.split(sizes, dim=1))], dim=1) * self.scale
+
+    def weight_delta(self) -> torch.Tensor:
+        """(alpha / r) · B @ A  [out, in] float32: what merging adds to the weight."""
+        return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+
+class LoRA(nn.Module):
+    """A set of adapters, held under the DiT's module names, so `state_dict()` has the file's keys."""
+
+    def __init__(self, adapters: dict):
+        super().__init__()
+        self.names = list(adapters)
+        for name, adapter in adapters.items():
+            parent = self
+            for part in name.split(".")[:-1]:  # empty containers mirror the DiT's module tree
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(name.split(".")[-1], adapter)
+
+    def adapters(self) -> list:
+        return [(n, self.get_submodule(n)) for n in self.names]
+
+    @property
+    def rank(self) -> int:
+        return self.adapters()[0][1].rank
+
+    @property
+    def alpha(self) -> float:
+        return self.adapters()[0][1].alpha
+
+
+def lora_target_modules(dit: nn.Module, targets=LORA_TARGETS) -> dict:
+    """name -> linear for every block linear whose name ends with one of `targets`."""
+    return {n: m for n, m in dit.named_modules()
+            if n.endswith(tuple(targets)) and hasattr(m, "in_features") and hasattr(m, "num_experts")}
+
+
+def new_lora(dit: nn.Module, rank: int, alpha: float | None = None, targets=LORA_TARGETS, seed: int = 0) -> LoRA:
+    """Fresh adapters (B = 0: the adapted DiT equals the base) on every target linear of `dit`."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    modules = lora_target_modules(dit, targets)
+    if not modules:
+        raise ValueError(f"no linear of the DiT matches the LoRA targets {list(targets)}; "
+                         f"choose from {list(LORA_TARGETS)}")
+    g = torch.Generator().manual_seed(seed)
+    return LoRA({n: LoRALinear(m.in_features, m.out_features * m.num_experts, rank, m.num_experts, alpha, g)
+                 for n, m in modules.items()})
+
+
+def save_lora(path, state_dict: dict, alpha: float, metadata: dict | None = None) -> None:
+    """Adapters (`LoRA.state_dict()`) -> safetensors (atomic): the keys above, fp32, alpha and rank in
+    the metadata."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
+    rank = next(v.shape[0] for k, v in sd.items() if k.endswith(".lora_A.weight"))
+    meta = {"format": LORA_FORMAT, "lora_alpha": repr(float(alpha)), "lora_rank": str(rank), **(metadata or {})}
+    atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()}))
+
+
+def load_lora(path, dit: nn.Module) -> LoRA:
+    """Adapters from a LoRA file, checked against `dit` strictly: every key must be
+    `<linear>.lora_{A,B}.weight` of a block linear of this DiT, in pairs, with fitting shapes; anything
+    else stops with one line naming the key and the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    sd = read_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not sd:
+        raise CheckpointError(f"{path}: no tensors (not a LoRA file)")
+    modules = lora_target_modules(dit, ("",))  # any linear of the DiT may carry an adapter
+    pairs: dict[str, dict] = {}
+    for k in sorted(sd):
+        name, dot, tail = k.rpartition(".lora_")
+        if not dot or tail not in ("A.weight", "B.weight"):
+            raise CheckpointError(f"{path}: key {k} is not '<module>.lora_A.weight' or '<module>.lora_B.weight'")
+        if name not in modules:
+            raise CheckpointError(f"{path}: key {k} names no linear of this DiT ({name})")
+        pairs.setdefault(name, {})[tail[0]] = sd[k]
+    alpha = float(meta["lora_alpha"]) if "lora_alpha" in meta else None
+    adapters = {}
+    for name in [n for n in modules if n in pairs]:  # the DiT's module order, whatever the file's
+        ab, m = pairs[name], modules[name]
+        for part in "AB":
+            if part not in ab:
+                raise CheckpointError(f"{path}: key {name}.lora_{part}.weight is missing (its pair is present)")
+        A, B = ab["A"], ab["B"]
+        r, out, n_in = A.shape[0], m.out_features * m.num_experts, m.in_features
+        for part, t, want in (("A", A, (r, n_in)), ("B", B, (out, r))):
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"{path}: key {name}.lora_{part}.weight has shape {tuple(t.shape)}, "
+                                      f"expected {want} for this DiT")
+        a = LoRALinear(n_in, out, r, m.num_experts, alpha, device="meta")
+        a.load_state_dict({"lora_A.weight": A.float().clone(), "lora_B.weight": B.float().clone()}, assign=True)
+        adapters[name] = a
+    return LoRA(adapters)
+
+
+class LoRAHooks:
+    """Adapters attached to a DiT unmerged, as forward hooks: out += scale · delta(x). The DiT's own
+    weights and state dict stay untouched; `remove()` detaches them again."""
+
+    def __init__(self, dit: nn.Module, lora: LoRA, scale: float = 1.0):
+        self.handles = []
+        for name, adapter in lora.adapters():
+            module = dit.get_submodule(name)
+            self.handles.append(module.register_forward_hook(self._hook(adapter, scale)))
+
+    @staticmethod
+    def _hook(adapter: LoRALinear, scale: float):
+        def add_delta(module, args, out):
+            sizes = args[1] if len(args) > 1 else None  # block linears are called as (x, sizes)
+            return out + (scale * adapter.delta(args[0], sizes)).to(out.dtype)  # fp32 update, added in out's dtype
+
+        return add_delta
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@torch.no_grad()
+def merge_lora(dit: nn.Module, lora: LoRA, scale: float = 1.0) -> nn.Module:
+    """W += scale · (alpha / r) · B @ A in place (fp32 sum, rounded once to W's dtype); a negative
+    scale unmerges (exactly only for fp32 weights: a bf16 weight is rounded at each merge)."""
+    for name, adapter in lora.adapters():
+        w = getattr(dit.get_submodule(name), "weight", None)  # [out, in]
+        if w is None or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name}: cannot merge a LoRA into {getattr(w, 'dtype', 'quantized')} weights; "
+                             "merge before quantizing, or run the adapters unmerged")
+        w.copy_((w.float() + scale * adapter.weight_delta().to(w.device)).to(w.dtype))
+    return dit
 
 
 # ==================================================================================================

@@ -882,6 +882,39 @@ def tiny_builders(dtype: torch.dtype, seed: int = 0, quant: str = "none") -> dic
     }
 
 
+def lora_builders(builders: dict, specs: list, merge: bool, dit_preset: str, device) -> dict:
+    """`builders` with LoRA files (`FILE[:SCALE]`, train.py's adapters) on the base DiT, merged into its
+    weights or attached unmerged (load_weights.LoRAHooks). Every file is checked against the DiT's
+    shapes on the meta device first, so a LoRA that does not fit stops before any weights load."""
+    import load_weights as lw
+    from model import DiT, dit_config
+
+    with torch.device("meta"):
+        meta_dit = DiT(dit_config(dit_preset))  # shapes only, no memory
+    loras = []
+    for spec in specs:
+        path, sep, scale = spec.rpartition(":")
+        try:
+            path, scale = (path, float(scale)) if sep else (spec, 1.0)
+        except ValueError:  # a colon that is part of the path
+            path, scale = spec, 1.0
+        lw.load_lora(path, meta_dit)
+        loras.append((path, scale))
+    build_dit = builders["dit"]
+
+    def build(dev):
+        dit = build_dit(dev)
+        for path, scale in loras:
+            lora = lw.load_lora(path, dit)
+            if merge:
+                lw.merge_lora(dit, lora, scale)
+            else:
+                lw.LoRAHooks(dit, lora.to(device), scale)
+        return dit
+
+    return {**builders, "dit": build}
+
+
 # ==================================================================================================
 # The pipeline: prompt (+ image / audio) -> frames and waveform (MagiEvaluator.evaluate)
 # ==================================================================================================
@@ -1088,6 +1121,10 @@ def build_parser():
     m.add_argument("--vae", choices=["turbo", "wan"], default="turbo", help="video decoder (default turbo)")
     m.add_argument("--weights", default=None, help="folder with the released weights (default $MAGIHUMAN_WEIGHTS or ./weights)")
     m.add_argument("--tiny-random", action="store_true", help="tiny networks with random weights: try the pipeline without weights")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA adapters for the DiT (train.py --lora-rank; repeatable; SCALE default 1)")
+    m.add_argument("--lora-merge", action="store_true",
+                   help="merge the adapters into the DiT's weights once (default: run them unmerged; same output)")
     m.add_argument("--toy", action="store_true", help="the toy world of toy.py (bouncing balls that beep, 32x32, "
                    "checkpoints/toy_*; --weights picks another toy checkpoint folder)")
     o = p.add_argument_group("output")
@@ -1278,6 +1315,8 @@ def _run(args, written: list) -> None:
     _check_memory(req, cfg, args, device, dtype)
     builders = (tiny_builders(dtype, quant=args.quant) if args.tiny_random
                 else release_builders(weights, args.model, args.sr, dtype, args.quant))
+    if args.lora:  # every file checked against the DiT's shapes here, before any weights load
+        builders = lora_builders(builders, args.lora, args.lora_merge, "tiny" if args.tiny_random else args.model, device)
     _check_prompt_memory(builders["tokenizer"]("cpu"), req.prompt, device)
     if args.compile and device.type == "cpu":
         _check_cpu_compiler()

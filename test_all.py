@@ -3192,3 +3192,227 @@ def test_toy_checkpoints_colour_and_pitch(tmp_path, which):
     s = toy.score(results)
     print(f"{which}: {toy.describe(s)}")
     assert s["colour"] >= toy.THRESHOLDS["colour"] and s["pitch"] >= toy.THRESHOLDS["pitch"], toy.describe(s)
+
+
+# ---- issue 15: fine-tuning and LoRA ----
+
+
+def write_test_clip(path, seconds, fps=25, audio=True, size=(80, 48), seed=0):
+    """A clip of random frames (uint8 [F, H, W, 3]) and a stereo tone, as an mp4 (H.264 + AAC)."""
+    rng = np.random.default_rng(seed)
+    frames = (rng.random((round(seconds * fps), size[1], size[0], 3)) * 255).astype(np.uint8)
+    t = np.arange(int(seconds * sample.OUT_RATE))[:, None] / sample.OUT_RATE
+    wave = (0.3 * np.sin(2 * np.pi * (330 + 110 * seed) * t) * np.ones((1, 2))).astype(np.float32) if audio else None
+    sample.write_mp4(path, frames, wave, fps=fps)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def prepared_clips(tmp_path_factory):
+    """Five clips through `train.py prepare` (tiny random encoders, 64x32, 1 s = 26 frames): two good
+    (25 and 30 fps, the second shorter than a second), one without audio, one broken, one good one
+    captioned through captions.jsonl."""
+    import warnings
+
+    import train
+
+    root = tmp_path_factory.mktemp("clips")
+    clips, cache = root / "clips", root / "cache"
+    clips.mkdir()
+    write_test_clip(clips / "a.mp4", 1.2, seed=0)
+    (clips / "a.txt").write_text("a woman says: hello there.")
+    write_test_clip(clips / "b.mov", 0.6, fps=30, seed=1)
+    (clips / "b.txt").write_text("a man says bye")
+    write_test_clip(clips / "c.mp4", 1.0, audio=False, seed=2)
+    (clips / "c.txt").write_text("a silent clip")
+    (clips / "d.mkv").write_bytes(b"not a video at all")
+    (clips / "d.txt").write_text("broken")
+    write_test_clip(clips / "e.webm.mp4", 1.0, seed=3)
+    (clips / "captions.jsonl").write_text(json.dumps({"file": "e.webm.mp4", "caption": "someone laughs"}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny tokenizer's negative prompt exceeds 640 tokens
+        summary = train.prepare(clips, cache, tiny_random=True, size=(64, 32), seconds=1, progress=False)
+    return clips, cache, summary
+
+
+@pytest.mark.filterwarnings("ignore:prompt is .* tokens")
+def test_prepare_writes_the_encoders_latents_skips_done_and_reports_broken(prepared_clips, capsys):
+    import av
+
+    import text_encoder as te
+    import train
+    import vae
+
+    clips, cache, summary = prepared_clips
+    assert sorted(summary["done"]) == ["a", "b", "e.webm"] and summary["skipped"] == []
+    assert sorted(summary["failed"]) == ["c", "d"]
+    assert "c.mp4" in summary["failed"]["c"] and "no audio stream" in summary["failed"]["c"]
+    assert "d.mkv" in summary["failed"]["d"]
+    assert not any((cache / ".parts").glob("c.*")), "a failed clip leaves no stale stage file"
+
+    # Independent of prepare: the networks tiny_builders makes, called directly on our own decode.
+    nets = sample.tiny_builders(torch.float32, 0)
+    wan, audio_vae = nets["wan"]("cpu"), nets["audio_vae"]("cpu")
+    encoder, tokenizer = nets["text_encoder"]("cpu"), nets["tokenizer"]("cpu")
+    cases = (("a", "a.mp4", "a woman says: hello there.", 25), ("b", "b.mov", "a man says bye", 30))
+    for name, src, caption, fps in cases:
+        with av.open(str(clips / src)) as c:
+            decoded = [f.to_image() for f in c.decode(video=0)]
+        # 25 output frames (4k+1 of the 26 audio frames); frame i shows source frame floor(i·fps/25), the last repeats
+        pick = [min(i * fps // 25, len(decoded) - 1) for i in range(25)]
+        pixels = torch.stack([vae.image_to_tensor(decoded[j], 32, 64) for j in pick], dim=2)  # [1, 3, 25, 32, 64]
+        mono = sample.read_audio(clips / src, None)[: 26 * 2048]
+        mono = F.pad(mono, (0, 26 * 2048 - len(mono)))
+        want = {
+            "video": wan.encode(pixels)[0],  # [48, 7, 2, 4]
+            "audio": audio_vae.encode_a2v(mono, noise=sample.Noise(train.clip_audio_seed(name, 0)))[0],  # [26, 64]
+            "text": te.encode_prompt(encoder, tokenizer, caption)[0][0],  # [n, 48]
+        }
+        got = load_weights.read_safetensors(cache / f"{name}.safetensors")
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].shape == want[k].shape and torch.equal(got[k], want[k]), (name, k)
+    neg = load_weights.read_safetensors(cache / "negative.safetensors")["negative"]
+    assert torch.equal(neg, te.encode_prompt(encoder, tokenizer, te.NEGATIVE_PROMPT)[0][0])
+
+    # A second run skips the done clips (files untouched) and reports the broken ones again: exit 1.
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    rc = train.prepare_main([str(clips), "--out", str(cache), "--tiny-random", "--size", "64x32", "--seconds", "1",
+                             "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "0 clip(s) written, 3 already done, 2 failed" in out and "d.mkv" in out
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert train.prepare_main([str(clips / "nowhere"), "--out", str(cache), "--tiny-random"]) == 2  # bad input
+    assert "nowhere: clips folder not found" in capsys.readouterr().err
+
+
+def fixed_eval_loss(net, source, seed=123) -> float:
+    """The flow-matching loss of every cached clip at fixed σ and ε (no sampling noise in the comparison)."""
+    import train
+
+    g = torch.Generator().manual_seed(seed)
+    (video, audio), text = source.data.batch(torch.arange(len(source.data.video)))
+    sigma = torch.linspace(0.2, 0.9, len(video))
+    noise = (torch.randn(video.shape, generator=g), torch.randn(audio.shape, generator=g))
+    with torch.no_grad():
+        return float(train.flow_matching_loss(net, (video, audio), text, sigma, noise, train.TrainConfig())[0])
+
+
+def test_lora_training_loss_falls_and_resume_is_bit_for_bit(prepared_clips, tmp_path):
+    from safetensors.torch import save_file
+
+    import train
+
+    # Loss: a cached set of unit-scale latents (the tiny random audio VAE's latents are ~80 in scale,
+    # too far from the tiny DiT's outputs for a few LoRA steps to show); σ and ε fixed for the comparison.
+    g, cache = torch.Generator().manual_seed(0), tmp_path / "cache"
+    cache.mkdir()
+    for i in range(2):
+        save_file({"video": torch.randn(48, 2, 2, 4, generator=g), "audio": torch.randn(5, 64, generator=g),
+                   "text": torch.randn(3 + i, 48, generator=g)}, str(cache / f"clip{i}.safetensors"))
+    save_file({"negative": torch.randn(4, 48, generator=g)}, str(cache / "negative.safetensors"))
+    common = dict(log_every=1, progress=False, lora_rank=4, lora_alpha=8.0, lora_base_bf16=False,
+                  lr=3e-2, warmup=1, batch_size=2, text_dropout=0.5, ema_decay=0.9, ema_start=2)
+    t = train.main(data=str(cache), out=str(tmp_path / "fall"), steps=15, save_every=15, sample_every=15,
+                   sample_steps=2, **common)
+    source = train.CachedLatents(cache, 48)
+    base_net = train.lora_network(t.cfg, model.dit_config("tiny"), None, None, "cpu", None)  # B = 0: the base
+    before, after = fixed_eval_loss(base_net, source), fixed_eval_loss(t.net, source)
+    print(f"fixed-noise loss on the cached clips: base {before:.3f} -> LoRA after 15 steps {after:.3f}")
+    assert after < 0.8 * before  # measured 6.10 -> 3.95
+    import av
+
+    with av.open(str(tmp_path / "fall" / "samples" / "step-0000015.mp4")) as c:  # the --sample-every preview
+        assert [s.type for s in c.streams] == ["video", "audio"] and c.streams.video[0].frames == 5
+    lora_file = tmp_path / "fall" / "ckpt-0000015" / "lora.safetensors"
+    assert load_weights.load_lora(lora_file, base_net.dit).alpha == 8.0
+
+    # Resume on the prepared clips, with activation checkpointing through the frozen base:
+    # 4 steps in one go == 2 steps, then 2 more from OUT/latest; bit for bit.
+    common.update(data=str(prepared_clips[1]), grad_checkpointing=True)
+    train.main(out=str(tmp_path / "once"), steps=4, save_every=4, **common)
+    train.main(out=str(tmp_path / "twice"), steps=2, save_every=2, **common)
+    train.main(out=str(tmp_path / "twice"), steps=4, save_every=2, resume=True, **common)
+    for f in ("raw/model.safetensors", "model.safetensors", "lora.safetensors", "train_state_rank0.safetensors"):
+        a = load_weights.read_safetensors(tmp_path / "once" / "ckpt-0000004" / f)
+        b = load_weights.read_safetensors(tmp_path / "twice" / "ckpt-0000004" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def lora_test_dit(seed=0, **overrides):
+    cfg = model.dit_config("tiny", **overrides)
+    return model.init_random_(DiT(cfg, block_dtype=torch.float32), seed, norm_std=0.1).eval()
+
+
+def random_lora(dit, rank=3, alpha=6.0, seed=1):
+    lora = load_weights.new_lora(dit, rank, alpha, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, a in lora.adapters():
+            a.lora_B.weight.copy_(0.05 * torch.randn(a.lora_B.weight.shape, generator=g))
+    return lora
+
+
+def test_lora_zero_is_the_base_and_merged_equals_unmerged(tmp_path):
+    dit = lora_test_dit()
+    inputs = dit_inputs(dit.cfg, B=2)
+    with torch.no_grad():
+        base = dit(*inputs, [7, 5])
+        hooks = load_weights.LoRAHooks(dit, load_weights.new_lora(dit, 4, 16.0))  # B = 0
+        zero = dit(*inputs, [7, 5])
+        hooks.remove()
+        assert all(torch.equal(z, b) for z, b in zip(zero, base)), "B = 0 must give exactly the base outputs"
+
+        lora = random_lora(dit)
+        hooks = load_weights.LoRAHooks(dit, lora, 0.7)
+        unmerged = dit(*inputs, [7, 5])
+        hooks.remove()
+        w0 = {k: v.clone() for k, v in dit.state_dict().items()}
+        load_weights.merge_lora(dit, lora, 0.7)
+        merged = dit(*inputs, [7, 5])
+        # Same maths, two summation orders: x·(W + sBA)ᵀ against x·Wᵀ + s·(x·Aᵀ)·Bᵀ. In float32 each
+        # differs by a few ulps (~1e-7 relative) per linear; 4 layers of 4 linears stay far below 1e-5.
+        for m, u, b in zip(merged, unmerged, base):
+            assert rel_l2(m, u) < 1e-5 and rel_l2(u, b) > 1e-2  # and the adapters do change the output
+        load_weights.merge_lora(dit, lora, -0.7)  # unmerge: the float32 weights come back to rounding
+        assert all(torch.allclose(dit.state_dict()[k], w0[k], rtol=0, atol=1e-6) for k in w0)
+
+
+def test_lora_file_round_trip_and_a_mismatched_lora_is_refused(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    dit = lora_test_dit()
+    lora = random_lora(dit)
+    path = tmp_path / "lora.safetensors"
+    load_weights.save_lora(path, lora.state_dict(), lora.alpha)
+    back = load_weights.load_lora(path, dit)
+    assert back.alpha == 6.0 and back.rank == 3 and back.names == lora.names
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in lora.state_dict().items())
+    assert "block.layers.0.attention.linear_qkv.lora_A.weight" in back.state_dict()
+    assert back.state_dict()["block.layers.0.attention.linear_qkv.lora_B.weight"].shape[0] == \
+        dit.block.layers[0].attention.linear_qkv.weight.shape[0]  # [out, r] with out = the stacked experts' rows
+
+    # sample.py: unmerged and merged give the same clip; a LoRA of another DiT width stops with one line.
+    common = ["--prompt", "a person says hello", "--tiny-random", "--seconds", "1", "--size", "64x64", "--steps", "2",
+              "--quiet"]
+    tiny_lora = tmp_path / "tiny.safetensors"
+    load_weights.save_lora(tiny_lora, random_lora(lora_test_dit()).state_dict(), 6.0)
+    for mode in ("unmerged", "merged"):
+        args = common + ["--out", str(tmp_path / f"{mode}.mp4"), "--latents", str(tmp_path / f"{mode}.safetensors"),
+                         "--lora", f"{tiny_lora}:0.5"] + (["--lora-merge"] if mode == "merged" else [])
+        assert sample.main(args) == 0
+    a, b = (load_weights.read_safetensors(tmp_path / f"{m}.safetensors") for m in ("unmerged", "merged"))
+    assert all(rel_l2(a[k], b[k]) < 1e-5 for k in a)
+
+    other = tmp_path / "other.safetensors"  # hidden 64 instead of 128
+    load_weights.save_lora(other, random_lora(lora_test_dit(hidden_size=64)).state_dict(), 6.0)
+    capsys.readouterr()
+    assert sample.main(common + ["--out", str(tmp_path / "x.mp4"), "--lora", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "key block.layers.0.attention.linear_qkv.lora_A.weight has shape (3, 64), expected (3, 128)" in err
+    assert not (tmp_path / "x.mp4").exists()
+    stray = tmp_path / "stray.safetensors"
+    save_file({"block.layers.9.mlp.down_proj.lora_A.weight": torch.zeros(2, 4)}, str(stray))
+    with pytest.raises(load_weights.CheckpointError, match=r"key block\.layers\.9\.mlp\.down_proj\.lora_A\.weight names no"):
+        load_weights.load_lora(stray, dit)

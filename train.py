@@ -4,6 +4,8 @@ that yields latents, FSDP2 under torchrun.
     python train.py --toy --out runs/toy                     # the toy world (toy.py) on the CPU
     python train.py --data latents.safetensors --preset base --init-from DIR --out runs/ft
     torchrun --nproc-per-node 8 train.py --data ... --out ...   # FSDP2, the same code as distill.py
+    python train.py prepare CLIPS --weights W --out CACHE      # your clips -> cached latents (--data CACHE)
+    python train.py --data CACHE --preset base --init-from W/daVinci-MagiHuman/base --lora-rank 16 --out runs/lora
 
 The official release has no training code; this file mirrors no official file. What it trains is
 exactly what sample.py samples: a `model.DiT` that maps noisy (video, audio) latents plus text
@@ -24,7 +26,8 @@ The objective (the convention of sample.py's samplers):
 
 A data source is any object with `batch(B, generator) -> (video [B, 48, T, h, w], audio [B, N, 64],
 distill.Text)` and `negative` (the negative-prompt features [n, C]); `ToyData` renders clips from
-toy.py on the fly, `LatentFile` reads pre-encoded latents. Checkpoints (`OUT/ckpt-NNNNNNN/`):
+toy.py on the fly, `LatentFile` reads pre-encoded latents, `CachedLatents` a `train.py prepare`
+folder. Checkpoints (`OUT/ckpt-NNNNNNN/`):
 `model.safetensors` = the EMA weights under the official key names (load_weights.load_dit reads it,
 sample.py samples it), `raw/model.safetensors` the live weights, `train_state_rank{r}.safetensors`
 optimiser moments, EMA and RNG, `state.json` the counters, `toy.json` the toy's constants.
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 
 import distill
 import load_weights
-from model import DiT, dit_config, random_dit
+from model import DiT, DiTConfig, dit_config, random_dit
 
 # ==================================================================================================
 # Configuration
@@ -73,6 +76,11 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast around the fp32 network (CPU and CUDA)
     grad_checkpointing: bool = False
     seed: int = 0
+    # LoRA fine-tuning (rank 0 = full fine-tuning): adapters on the block linears named in lora_targets
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0 means alpha = rank (scale 1)
+    lora_targets: str = ",".join(load_weights.LORA_TARGETS)
+    lora_base_bf16: bool = True  # the frozen base's block linears in bf16 (the released numerics)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -268,12 +276,324 @@ def latest_checkpoint(out) -> Path | None:
 
 
 # ==================================================================================================
+# Fine-tuning on your own clips (1): prepare = a folder of clips -> cached latents, one file per clip
+# ==================================================================================================
+# `python train.py prepare CLIPS --weights W --out CACHE` writes CACHE/<clip>.safetensors with
+#   video [48, T, h, w]  the Wan2.2 VAE posterior mean of the frames (vae.WanVAE.encode, as TI2V encodes)
+#   audio [F, 64]        an Oobleck posterior sample of the mono sound at 51.2 kHz (as A2V encodes it,
+#                        seed in the metadata), F = the clip's frame count (one audio latent per frame)
+#   text  [n, C]         T5-Gemma features of the caption (text_encoder.encode_prompt, the sampler's cache)
+# and CACHE/negative.safetensors (`negative` [n, C], the negative prompt: what text dropout trains on).
+# The encoders run one at a time (T5-Gemma alone is 18.5 GB): stage by stage over every pending clip,
+# each stage's result kept in CACHE/.parts/ until the clip's file is assembled, so an interrupted run
+# resumes where it stopped.
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm")
+NEGATIVE_FILE = "negative.safetensors"
+PREPARE_STAGES = (("text", "text_encoder"), ("video", "wan"), ("audio", "audio_vae"))
+
+
+@dataclass
+class Clip:
+    path: Path
+    caption: str | None
+    error: str | None = None  # found while listing (no caption, duplicate name): the clip is skipped
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def find_clips(folder) -> list[Clip]:
+    """Every video file in `folder` with its caption: `name.txt` beside it, else `captions.jsonl`
+    (one {"file": "name.mp4", "caption": "..."} per line)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: clips folder not found")
+    table = {}
+    jsonl = folder / "captions.jsonl"
+    if jsonl.is_file():
+        for i, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    table[row["file"]] = row["caption"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{jsonl}:{i}: need a JSON object with 'file' and 'caption'") from None
+    clips, seen = [], set()
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in VIDEO_SUFFIXES or p.name.startswith("."):
+            continue
+        txt = p.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else table.get(p.name)
+        error = None
+        if p.stem in seen:
+            error = f"another clip is also named {p.stem!r} (one cache file per name)"
+        elif caption is None:
+            error = f"no caption ({txt.name} or a captions.jsonl line)"
+        elif not caption.strip():
+            error = "empty caption"
+        seen.add(p.stem)
+        clips.append(Clip(p, caption, error))
+    if not clips:
+        raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+    return clips
+
+
+def read_clip_frames(path, frames: int, width: int, height: int, fps: int = 25) -> torch.Tensor:
+    """The first `frames` frames at `fps` (the source frame shown at each time i/fps; the last frame
+    repeated if the clip is shorter), centre-cropped and resized like a TI2V image -> [1, 3, F, H, W]
+    in [-1, 1]."""
+    import av
+    import vae
+
+    out = []
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise ValueError(f"not a readable video file ({e.strerror or type(e).__name__})") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        start = stream.start_time or 0  # mp4 edit lists can start the first frame past 0
+        last = None
+        for frame in container.decode(stream):
+            t = float((frame.pts - start) * stream.time_base) if frame.pts is not None else len(out) / fps
+            while len(out) < frames and last is not None and t > len(out) / fps + 1e-6:
+                out.append(last)  # frame len(out) is shown from the previous source frame
+            if len(out) >= frames:
+                break
+            last = vae.image_to_tensor(frame.to_image(), height, width)  # [1, 3, H, W]
+    if last is None:
+        raise ValueError("no decodable video frames")
+    while len(out) < frames:
+        out.append(last)
+    return torch.stack(out, dim=2)  # F x [1, 3, H, W] -> [1, 3, F, H, W]
+
+
+def read_clip_audio(path, frames: int, fps: int = 25) -> torch.Tensor:
+    """The sound as A2V reads it (sample.read_audio: mono, 51.2 kHz, int16-quantised), cut or
+    zero-padded to `frames` audio latents (2048 samples each at 25 fps) -> [frames · 2048]."""
+    import sample
+
+    try:
+        mono = sample.read_audio(path, None)
+    except sample.InputError as e:
+        raise ValueError(str(e).replace(f"--audio {path}: ", "")) from None
+    n = frames * (sample.AUDIO_RATE // fps)
+    return torch.nn.functional.pad(mono[:n], (0, max(0, n - len(mono))))
+
+
+def clip_audio_seed(name: str, seed: int) -> int:
+    """The seed of a clip's audio posterior draw: stable per name, independent of the clip order."""
+    import zlib
+
+    return (seed + zlib.crc32(name.encode("utf-8"))) % 2**31
+
+
+def prepare(clips_dir, out, weights=None, tiny_random=False, size=(448, 256), seconds=4, device=None, seed=0,
+            progress=True) -> dict:
+    """Encode every clip of `clips_dir` not yet in `out` (see the banner); returns the summary
+    {"done": [...], "skipped": [...], "failed": {name: message}}."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    import sample
+    import text_encoder as te
+
+    clips = find_clips(clips_dir)  # bad input first, before any network loads
+    width, height = size
+    lh, lw = sample.latent_size(width, height)
+    width, height = 16 * lw, 16 * lh  # the pipeline's floor to multiples of 32
+    frames = sample.num_frames_for(seconds)  # 25·s + 1 audio latents, as the sampler's T2V shapes
+    vae_frames = 4 * (sample.latent_length(frames) - 1) + 1  # 4k+1 pixel frames: what the VAE keeps of them
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float32 if tiny_random or device.type == "cpu" else torch.bfloat16
+    if tiny_random:
+        builders, text_weights = sample.tiny_builders(dtype, seed), None
+    else:
+        if weights is None:
+            raise ValueError("give --weights DIR (the released encoders) or --tiny-random")
+        missing = [f for f in (load_weights.TEXT_DIR + "/config.json", load_weights.WAN_VAE_PTH,
+                               load_weights.AUDIO_DIR + "/model.safetensors") if not (Path(weights) / f).exists()]
+        if missing:
+            raise ValueError(f"weights folder {weights} is missing {', '.join(missing)}")
+        builders = sample.release_builders(weights, "base", "none", "wan", dtype)
+        text_weights = Path(weights) / load_weights.TEXT_DIR
+    models = sample.Models(builders, device, dtype, offload="model")
+    out = Path(out)
+    parts = out / ".parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    failed = {c.name: f"{c.path}: {c.error}" for c in clips if c.error}
+    skipped = [c.name for c in clips if c.name not in failed and (out / f"{c.name}.safetensors").is_file()]
+    pending = [c for c in clips if c.name not in failed and c.name not in skipped]
+
+    def encode(stage: str, clip: Clip) -> dict:
+        if stage == "text":
+            feats, _ = sample.encode_text(models, clip.caption, text_weights)  # [1, n, C]
+            return {"text": feats[0].cpu()}
+        if stage == "video":
+            pixels = read_clip_frames(clip.path, vae_frames, width, height)  # [1, 3, 4k+1, H, W]
+            return {"video": models.get("wan").encode(pixels.to(device))[0].cpu()}  # [48, T, h, w]
+        mono = read_clip_audio(clip.path, frames)  # [F · 2048]
+        noise = sample.Noise(clip_audio_seed(clip.name, seed), device)
+        return {"audio": models.get("audio_vae").encode_a2v(mono.to(device), noise=noise)[0].cpu()}  # [F, 64]
+
+    def save(path, tensors, metadata=None):
+        tensors = {k: v.float().contiguous() for k, v in tensors.items()}
+        load_weights.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    if not (out / NEGATIVE_FILE).is_file():
+        feats, _ = sample.encode_text(models, te.NEGATIVE_PROMPT, text_weights)
+        save(out / NEGATIVE_FILE, {"negative": feats[0].cpu()})
+    for stage, network in PREPARE_STAGES:
+        todo = [c for c in pending if c.name not in failed and not (parts / f"{c.name}.{stage}.safetensors").is_file()]
+        for clip in tqdm(todo, desc=f"prepare {stage}", disable=not progress, dynamic_ncols=True):
+            try:
+                save(parts / f"{clip.name}.{stage}.safetensors", encode(stage, clip))
+            except Exception as e:  # any failure of one clip (broken file, no audio, ...) is reported, not fatal
+                failed[clip.name] = f"{clip.path}: {load_weights._first_line(e)}"
+                for stale in parts.glob(f"{clip.name}.*.safetensors"):  # a fixed file starts over
+                    stale.unlink()
+                tqdm.write(f"prepare: skipped {failed[clip.name]}")
+        models.drop(network)  # one encoder in memory at a time
+        models.drop("tokenizer")
+    done = []
+    for clip in pending:
+        if clip.name in failed:
+            continue
+        names = [parts / f"{clip.name}.{stage}.safetensors" for stage, _ in PREPARE_STAGES]
+        tensors = {}
+        for p in names:
+            tensors.update(load_weights.read_safetensors(p))
+        meta = {"source": clip.path.name, "caption": clip.caption, "size": f"{width}x{height}", "frames": str(frames),
+                "fps": "25", "audio_seed": str(clip_audio_seed(clip.name, seed)), "tiny_random": str(bool(tiny_random))}
+        save(out / f"{clip.name}.safetensors", tensors, meta)
+        for p in names:
+            p.unlink()
+        done.append(clip.name)
+    if not any(parts.iterdir()):
+        parts.rmdir()
+    return {"done": done, "skipped": skipped, "failed": failed}
+
+
+class CachedLatents:
+    """The data source of a `prepare` folder (the interface of ToyData/LatentFile): every clip file
+    held in memory (about 2 MB per 4 s clip at 448x256), drawn uniformly."""
+
+    def __init__(self, folder, text_channels: int):
+        folder = Path(folder)
+        files = sorted(p for p in folder.glob("*.safetensors") if p.name != NEGATIVE_FILE)
+        if not files:
+            raise ValueError(f"{folder}: no prepared clips (run: python train.py prepare CLIPS --out {folder})")
+        if not (folder / NEGATIVE_FILE).is_file():
+            raise ValueError(f"{folder}: missing {NEGATIVE_FILE} (written by train.py prepare)")
+        video, audio, text = [], [], []
+        for p in files:
+            t = load_weights.read_safetensors(p)
+            for k in ("video", "audio", "text"):
+                if k not in t:
+                    raise ValueError(f"{p}: missing tensor {k!r} (not a prepared clip)")
+            if video and (t["video"].shape != video[0].shape or t["audio"].shape != audio[0].shape):
+                raise ValueError(f"{p}: latents {tuple(t['video'].shape)}, {tuple(t['audio'].shape)} differ from "
+                                 f"{files[0].name}'s {tuple(video[0].shape)}, {tuple(audio[0].shape)}; prepare all "
+                                 "clips with one --size and --seconds")
+            if t["text"].dim() != 2 or t["text"].shape[1] != text_channels:
+                raise ValueError(f"{p}: text features are {tuple(t['text'].shape)}, the DiT takes [n, {text_channels}]")
+            video.append(t["video"]), audio.append(t["audio"]), text.append(t["text"].float())
+        self.names = [p.stem for p in files]
+        self.data = distill.RealData(torch.stack(video), torch.stack(audio), text)
+        self.negative = load_weights.read_safetensors(folder / NEGATIVE_FILE)["negative"].float()  # [n, C]
+
+    def batch(self, B: int, generator: torch.Generator):
+        idx = torch.randint(len(self.data.video), (B,), generator=generator)
+        (video, audio), text = self.data.batch(idx)
+        return video, audio, text
+
+
+# ==================================================================================================
+# Fine-tuning on your own clips (2): LoRA training and progress samples
+# ==================================================================================================
+
+
+class LoRANet(load_weights.LoRA):
+    """The frozen DiT with trainable adapters hooked in (load_weights.LoRAHooks). The adapters are this
+    module's only parameters, so the Trainer's optimiser, EMA, clipping and checkpoints see them alone,
+    under the LoRA file's key names; the DiT is held outside the module tree."""
+
+    def __init__(self, dit: DiT, lora: load_weights.LoRA):
+        super().__init__(dict(lora.adapters()))
+        object.__setattr__(self, "dit", dit.requires_grad_(False))  # not a submodule: no params, no keys
+        self.hooks = load_weights.LoRAHooks(dit, self)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+
+            def average(p):  # replicated adapters on FSDP-sharded frozen weights: average their grads
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+
+            for p in self.parameters():
+                p.register_post_accumulate_grad_hook(average)
+
+    def forward(self, *args, **kwargs):
+        return self.dit(*args, **kwargs)
+
+
+def lora_network(cfg: TrainConfig, dit_cfg: DiTConfig, init_from, ckpt, device, mesh) -> LoRANet:
+    """Frozen base (bf16 block linears unless --no-lora-base-bf16) + fp32 adapters, resumed from `ckpt`."""
+    if ckpt is not None and (ckpt / "lora_base.json").is_file():  # adapters only fit the base they were trained on
+        was = json.loads((ckpt / "lora_base.json").read_text())["init_from"]
+        if was != (None if init_from is None else str(init_from)):
+            raise ValueError(f"{ckpt}: these adapters were trained on {was or 'random weights'}; resume with that base")
+    base = init_from if init_from is not None else random_dit(dit_cfg, seed=cfg.seed).state_dict()
+    dtype = torch.bfloat16 if cfg.lora_base_bf16 else torch.float32
+    dit = distill.load_network(base, dit_cfg, dtype, device, mesh, cfg.grad_checkpointing)
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    lora = load_weights.new_lora(dit, cfg.lora_rank, cfg.lora_alpha or None, targets, cfg.seed)
+    net = LoRANet(dit, lora).to(device)
+    if ckpt is not None:
+        distill.load_small_module(net, ckpt / "raw" / "model.safetensors")
+    return net
+
+
+def sample_preview(net, source: CachedLatents, path, steps: int, decoders, rank: int = 0) -> None:
+    """One clip from the first cached caption (live weights, base sampler with CFG, seed 0) -> mp4:
+    the same base pass as sample.py, the decoders of `decoders` (a sample.Models)."""
+    import numpy as np
+
+    import sample
+    import vae
+
+    video0, audio0 = source.data.video[0], source.data.audio[0]  # [48, T, h, w], [F, 64]
+    text, neg = source.data.text[0], source.negative
+    dev = next(iter(net.parameters())).device
+    cfg = sample.preset("base", num_inference_steps=steps)
+    was_training = net.training
+    with torch.no_grad():
+        video, audio = sample.base_pass(
+            net.eval(), cfg, text[None].to(dev), torch.tensor([len(text)]), neg[None].to(dev), torch.tensor([len(neg)]),
+            num_frames=audio0.shape[0], latent_hw=tuple(video0.shape[-2:]), noise=sample.Noise(0, dev), progress=False)
+        net.train(was_training)
+        if rank != 0:
+            return
+        frames = sample.to_uint8_frames(decoders.get("turbo").decode(video))
+        decoders.release("turbo")
+        frames = np.concatenate([frames, np.repeat(frames[-1:], audio.shape[1] - len(frames), axis=0)])
+        wave = vae.resample_to_44k(decoders.get("audio_vae").decode(audio))
+        decoders.release("audio_vae")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sample.write_mp4(path, frames, wave)
+
+
+# ==================================================================================================
 # Putting it together
 # ==================================================================================================
 
 
 def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, seconds=2.0, init_from=None,
-         resume=False, save_every=250, log_every=10, device=None, threads=None, progress=True, **overrides):
+         resume=False, save_every=250, log_every=10, device=None, threads=None, progress=True, sample_every=0,
+         sample_steps=16, weights=None, **overrides):
     """Train and write checkpoints to `out`; returns the Trainer. `overrides` are TrainConfig fields."""
     from tqdm import tqdm
 
@@ -297,7 +617,7 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
         if data is None:
             raise ValueError("give --toy or --data FILE (pre-encoded latents, see LatentFile)")
         dit_cfg = dit_config(preset)
-        source = LatentFile(data, dit_cfg.text_in_channels)
+        source = (CachedLatents if Path(data).is_dir() else LatentFile)(data, dit_cfg.text_in_channels)
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         init = ckpt / "raw"  # the live weights; the EMA comes with the training state
@@ -305,7 +625,14 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
         init = init_from  # any layout load_weights reads; full fine-tuning
     else:
         init = random_dit(dit_cfg, seed=cfg.seed).state_dict()
-    net = distill.load_network(init, dit_cfg, torch.float32, device, mesh, cfg.grad_checkpointing)
+    if cfg.lora_rank > 0:  # frozen base + adapters; checkpoints also hold lora.safetensors (EMA, sample.py --lora)
+        net = lora_network(cfg, dit_cfg, init_from, ckpt, device, mesh)
+        extra["lora.safetensors"] = lambda folder: load_weights.save_lora(
+            folder / "lora.safetensors", trainer.ema_state_dict(), net.alpha, {"preset": preset})
+        extra["lora_base.json"] = lambda folder: (folder / "lora_base.json").write_text(
+            json.dumps({"init_from": None if init_from is None else str(init_from)}))
+    else:
+        net = distill.load_network(init, dit_cfg, torch.float32, device, mesh, cfg.grad_checkpointing)
     trainer = Trainer(cfg, net, source, device=device, rank=rank, mesh=mesh)
     if ckpt is not None:
         trainer.resume(ckpt)
@@ -318,6 +645,11 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
     bar = tqdm(range(trainer.step, steps), initial=trainer.step, total=steps, disable=rank != 0 or not progress,
                dynamic_ncols=True)
     t0, last = time.time(), time.time()
+    decoders = None
+    if sample_every and not isinstance(source, CachedLatents):
+        raise ValueError("--sample-every needs --data CACHE_DIR (a train.py prepare folder: its first caption is sampled)")
+    if sample_every and preset != "tiny" and weights is None:
+        raise ValueError("--sample-every needs --weights DIR (the Turbo VAE and audio VAE decoders)")
     for _ in bar:
         logs = trainer.train_step()
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -327,6 +659,14 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
             last = now
             with open(Path(out) / "log.jsonl", "a") as f:
                 f.write(json.dumps(logs) + "\n")
+        if sample_every and trainer.step % sample_every == 0:
+            if decoders is None:
+                import sample
+
+                decoders = sample.Models(sample.tiny_builders(torch.float32) if preset == "tiny" else
+                                         sample.release_builders(weights, "base", "none", "turbo", torch.bfloat16),
+                                         device, offload="model")
+            sample_preview(net, source, Path(out) / "samples" / f"step-{trainer.step:07d}.mp4", sample_steps, decoders, rank)
         if trainer.step % save_every == 0 or trainer.step == steps:
             folder = trainer.save(out, extra)
             if rank == 0:
@@ -359,9 +699,11 @@ def evaluate_toy(folder, model: str = "base", clips: int = 16, seconds: int = 2,
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Flow-matching training of the daVinci-MagiHuman DiT (toy world or "
-                                "pre-encoded latents). Multi-GPU: torchrun --nproc-per-node N train.py ...")
+                                "pre-encoded latents). Multi-GPU: torchrun --nproc-per-node N train.py ...",
+                                epilog="your own clips -> cached latents first: python train.py prepare --help")
     p.add_argument("--toy", action="store_true", help="train the toy world of toy.py (CPU, minutes)")
-    p.add_argument("--data", help="pre-encoded latents (safetensors: video, audio, text, text_len, negative)")
+    p.add_argument("--data", help="pre-encoded latents: a `train.py prepare` folder, or one safetensors file "
+                   "(video, audio, text, text_len, negative)")
     p.add_argument("--preset", default="tiny", help="DiT preset of model.py for --data (default tiny)")
     p.add_argument("--out", default="runs/toy", help="output folder: checkpoints and log.jsonl")
     p.add_argument("--steps", type=int, default=3000, help="total optimiser steps")
@@ -373,6 +715,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--sample-every", type=int, default=0, metavar="N", help="every N steps write OUT/samples/"
+                   "step-N.mp4 of the first cached caption (live weights; needs --weights unless --preset tiny)")
+    p.add_argument("--sample-steps", type=int, default=16, help="sampling steps of those previews (default 16)")
+    p.add_argument("--weights", help="released weights folder (decoders for --sample-every)")
     p.add_argument("--evaluate", metavar="DIR", help="do not train: measure the toy checkpoint DIR through "
                    "sample.py's pipeline and the checker of toy.py (with --model, --clips)")
     p.add_argument("--model", choices=["base", "distill"], default="base", help="--evaluate: sampler (default base)")
@@ -391,7 +737,38 @@ def parse_args(argv=None):
     return args
 
 
+def prepare_main(argv) -> int:
+    """`train.py prepare CLIPS --out CACHE ...`: exit 0 when every clip is cached, 1 if some failed,
+    2 on bad input (no such folder, no clips, bad --size, missing weights)."""
+    import sample
+
+    p = argparse.ArgumentParser(prog="train.py prepare", description="Encode a folder of clips (mp4/mov/mkv/webm "
+                                "+ name.txt or captions.jsonl) into cached latents for train.py --data.")
+    p.add_argument("clips", help="folder of video files with their captions")
+    p.add_argument("--out", required=True, help="cache folder: one safetensors per clip (resumable)")
+    p.add_argument("--weights", help="released weights folder (T5-Gemma, Wan2.2 VAE, Stable Audio Open)")
+    p.add_argument("--tiny-random", action="store_true", help="tiny random encoders (tests; no weights)")
+    p.add_argument("--size", default="448x256", help="video size WxH, floored to multiples of 32 (default 448x256)")
+    p.add_argument("--seconds", type=int, default=4, help="clip length: 25*s+1 frames, cut or padded (default 4)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the audio posterior draws")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    try:
+        s = prepare(a.clips, a.out, a.weights, a.tiny_random, sample.parse_size(a.size), a.seconds, a.device, a.seed,
+                    a.progress)
+    except (ValueError, load_weights.CheckpointError) as e:  # bad input: one line, exit 2
+        print(f"train.py prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(f"prepare: {len(s['done'])} clip(s) written, {len(s['skipped'])} already done, {len(s['failed'])} failed")
+    for msg in s["failed"].values():
+        print(f"  failed: {msg}")
+    return 1 if s["failed"] else 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["prepare"]:
+        sys.exit(prepare_main(sys.argv[2:]))
     args = parse_args()
     try:
         evaluate, model, clips = args.evaluate, args.model, args.clips
