@@ -1204,6 +1204,19 @@ def read_real_data(path, shapes, text_channels: int) -> RealData:
     return RealData(t["video"], t["audio"], [t["text"][i, : int(n)] for i, n in enumerate(t["text_len"])])
 
 
+def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
+    """Every field of the dataclass `config_cls` becomes a flag of the same name (`--gan / --no-gan`
+    for booleans, two floats for `betas`), with the field's default. train.py uses it too."""
+    for f in config_cls.__dataclass_fields__.values():
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" or isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name == "betas":
+            p.add_argument(flag, type=float, nargs=2, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+
+
 def parse_args(argv=None):
     p = load_weights.OneLineParser(description="DMD-2 distillation of the daVinci-MagiHuman DiT into an "
                                 "8-step CFG-free student. Multi-GPU: torchrun --nproc-per-node N distill.py ...")
@@ -1225,15 +1238,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     p.add_argument("--device", default=None)
     p.add_argument("--gan-data", help="real paired latents for --gan (safetensors: video, audio, text, text_len)")
-    # Every DistillConfig field is a flag of the same name (defaults = the real-run values).
-    for f in DistillConfig.__dataclass_fields__.values():
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or isinstance(f.default, bool):  # --gan / --no-gan, etc.
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif f.name == "betas":
-            p.add_argument(flag, type=float, nargs=2, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+    add_config_flags(p, DistillConfig)  # every DistillConfig field (defaults = the real-run values)
     args = p.parse_args(argv)
     if args.iters < 1 or args.save_every < 1 or args.log_every < 1:
         p.error("--iters, --save-every and --log-every must be >= 1")

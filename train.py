@@ -35,7 +35,6 @@ optimiser moments, EMA and RNG, `state.json` the counters, `toy.json` the toy's 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -698,7 +697,7 @@ def evaluate_toy(folder, model: str = "base", clips: int = 16, seconds: int = 2,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Flow-matching training of the daVinci-MagiHuman DiT (toy world or "
+    p = load_weights.OneLineParser(description="Flow-matching training of the daVinci-MagiHuman DiT (toy world or "
                                 "pre-encoded latents). Multi-GPU: torchrun --nproc-per-node N train.py ...",
                                 epilog="your own clips -> cached latents first: python train.py prepare --help")
     p.add_argument("--toy", action="store_true", help="train the toy world of toy.py (CPU, minutes)")
@@ -723,14 +722,7 @@ def parse_args(argv=None):
                    "sample.py's pipeline and the checker of toy.py (with --model, --clips)")
     p.add_argument("--model", choices=["base", "distill"], default="base", help="--evaluate: sampler (default base)")
     p.add_argument("--clips", type=int, default=16, help="--evaluate: number of clips (default 16 = 8 prompts x 2 seeds)")
-    for f in TrainConfig.__dataclass_fields__.values():  # every TrainConfig field is a flag
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif f.name == "betas":
-            p.add_argument(flag, type=float, nargs=2, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+    distill.add_config_flags(p, TrainConfig)  # every TrainConfig field is a flag
     args = p.parse_args(argv)
     if args.steps < 1 or args.save_every < 1 or args.log_every < 1:
         p.error("--steps, --save-every and --log-every must be >= 1")
@@ -742,7 +734,7 @@ def prepare_main(argv) -> int:
     2 on bad input (no such folder, no clips, bad --size, missing weights)."""
     import sample
 
-    p = argparse.ArgumentParser(prog="train.py prepare", description="Encode a folder of clips (mp4/mov/mkv/webm "
+    p = load_weights.OneLineParser(prog="train.py prepare", description="Encode a folder of clips (mp4/mov/mkv/webm "
                                 "+ name.txt or captions.jsonl) into cached latents for train.py --data.")
     p.add_argument("clips", help="folder of video files with their captions")
     p.add_argument("--out", required=True, help="cache folder: one safetensors per clip (resumable)")
@@ -754,35 +746,44 @@ def prepare_main(argv) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the audio posterior draws")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         s = prepare(a.clips, a.out, a.weights, a.tiny_random, sample.parse_size(a.size), a.seconds, a.device, a.seed,
                     a.progress)
-    except (ValueError, load_weights.CheckpointError) as e:  # bad input: one line, exit 2
-        print(f"train.py prepare: error: {e}", file=sys.stderr)
-        return 2
-    print(f"prepare: {len(s['done'])} clip(s) written, {len(s['skipped'])} already done, {len(s['failed'])} failed")
-    for msg in s["failed"].values():
-        print(f"  failed: {msg}")
-    return 1 if s["failed"] else 0
+        print(f"prepare: {len(s['done'])} clip(s) written, {len(s['skipped'])} already done, {len(s['failed'])} failed")
+        for msg in s["failed"].values():
+            print(f"  failed: {msg}")
+        return 1 if s["failed"] else 0
+
+    # Bad input (no such folder, no clips, bad --size, missing weights), a full disk, Ctrl-C: one line, exit 2.
+    return load_weights.guarded(run, user_errors=(ValueError,),
+                                interrupted=lambda: "interrupted: finished clips are kept (a re-run skips them)")
+
+
+def cli(argv=None) -> int:
+    """The command line: bad input, a full disk, Ctrl-C or SIGTERM give one line on stderr and exit
+    status 2 (load_weights.guarded); checkpoints are written atomically, so --resume continues."""
+    args = parse_args(argv)
+    evaluate, model, clips = args.evaluate, args.model, args.clips
+    del args.evaluate, args.model, args.clips
+
+    def run():
+        if not evaluate:
+            main(**vars(args))
+            return
+        import toy
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        s = evaluate_toy(evaluate, model, clips, int(args.seconds), verbose=args.progress)
+        print(json.dumps(s))
+        print(f"{evaluate} ({model}): {toy.describe(s)} -> {'PASS' if toy.passes(s) else 'below the thresholds'}")
+
+    return load_weights.guarded(run, user_errors=(ValueError,),
+                                interrupted=lambda: "interrupted: checkpoints saved so far are complete (--resume continues)")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["prepare"]:
         sys.exit(prepare_main(sys.argv[2:]))
-    args = parse_args()
-    try:
-        evaluate, model, clips = args.evaluate, args.model, args.clips
-        del args.evaluate, args.model, args.clips
-        if evaluate:
-            import toy
-
-            if args.threads:
-                torch.set_num_threads(args.threads)
-            s = evaluate_toy(evaluate, model, clips, int(args.seconds), verbose=args.progress)
-            print(json.dumps(s))
-            print(f"{evaluate} ({model}): {toy.describe(s)} -> {'PASS' if toy.passes(s) else 'below the thresholds'}")
-        else:
-            main(**vars(args))
-    except (ValueError, load_weights.CheckpointError) as e:  # bad input: one line, no traceback, exit 2
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())
