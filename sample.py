@@ -646,7 +646,7 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 # refused rather than written as MP4 data under a misleading name.
 CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
 # libx264 picks its thread count from the machine's cores, and the count changes the bitstream: a
-# fixed count makes the same request on any machine give the same bytes.
+# fixed count keeps it out of the bytes (see also x264_params).
 X264_THREADS = 4
 
 

@@ -418,9 +418,9 @@ def prepare(clips_dir, out, weights=None, tiny_random=False, size=(448, 256), se
                                load_weights.AUDIO_DIR + "/model.safetensors") if not (Path(weights) / f).exists()]
         if missing:
             raise ValueError(f"weights folder {weights} is missing {', '.join(missing)}")
-        builders = sample.release_builders(weights, "base", "none", "wan", dtype)
+        builders = sample.release_builders(weights, "base", "none", dtype)
         text_weights = Path(weights) / load_weights.TEXT_DIR
-    models = sample.Models(builders, device, dtype, offload="model")
+    models = sample.Models(builders, device, dtype, offload="model", keep_released=False)
     out = Path(out)
     parts = out / ".parts"
     parts.mkdir(parents=True, exist_ok=True)
@@ -443,21 +443,20 @@ def prepare(clips_dir, out, weights=None, tiny_random=False, size=(448, 256), se
         tensors = {k: v.float().contiguous() for k, v in tensors.items()}
         load_weights.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
-    if not (out / NEGATIVE_FILE).is_file():
-        feats, _ = sample.encode_text(models, te.NEGATIVE_PROMPT, text_weights)
-        save(out / NEGATIVE_FILE, {"negative": feats[0].cpu()})
     for stage, network in PREPARE_STAGES:
         todo = [c for c in pending if c.name not in failed and not (parts / f"{c.name}.{stage}.safetensors").is_file()]
-        for clip in tqdm(todo, desc=f"prepare {stage}", disable=not progress, dynamic_ncols=True):
-            try:
-                save(parts / f"{clip.name}.{stage}.safetensors", encode(stage, clip))
-            except Exception as e:  # any failure of one clip (broken file, no audio, ...) is reported, not fatal
-                failed[clip.name] = f"{clip.path}: {load_weights._first_line(e)}"
-                for stale in parts.glob(f"{clip.name}.*.safetensors"):  # a fixed file starts over
-                    stale.unlink()
-                tqdm.write(f"prepare: skipped {failed[clip.name]}")
-        models.drop(network)  # one encoder in memory at a time
-        models.drop("tokenizer")
+        with models.use(network, lazy=True):  # one encoder in memory at a time, loaded only if needed
+            if stage == "text" and not (out / NEGATIVE_FILE).is_file():
+                feats, _ = sample.encode_text(models, te.NEGATIVE_PROMPT, text_weights)
+                save(out / NEGATIVE_FILE, {"negative": feats[0].cpu()})
+            for clip in tqdm(todo, desc=f"prepare {stage}", disable=not progress, dynamic_ncols=True):
+                try:
+                    save(parts / f"{clip.name}.{stage}.safetensors", encode(stage, clip))
+                except Exception as e:  # any failure of one clip (broken file, no audio, ...) is reported, not fatal
+                    failed[clip.name] = f"{clip.path}: {load_weights._first_line(e)}"
+                    for stale in parts.glob(f"{clip.name}.*.safetensors"):  # a fixed file starts over
+                        stale.unlink()
+                    tqdm.write(f"prepare: skipped {failed[clip.name]}")
     done = []
     for clip in pending:
         if clip.name in failed:
@@ -576,11 +575,11 @@ def sample_preview(net, source: CachedLatents, path, steps: int, decoders, rank:
         net.train(was_training)
         if rank != 0:
             return
-        frames = sample.to_uint8_frames(decoders.get("turbo").decode(video))
-        decoders.release("turbo")
+        with decoders.use("turbo") as turbo:
+            frames = sample.to_uint8_frames(turbo.decode(video))
         frames = np.concatenate([frames, np.repeat(frames[-1:], audio.shape[1] - len(frames), axis=0)])
-        wave = vae.resample_to_44k(decoders.get("audio_vae").decode(audio))
-        decoders.release("audio_vae")
+        with decoders.use("audio_vae") as audio_vae:
+            wave = vae.resample_to_44k(audio_vae.decode(audio))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sample.write_mp4(path, frames, wave)
 
@@ -663,7 +662,7 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
                 import sample
 
                 decoders = sample.Models(sample.tiny_builders(torch.float32) if preset == "tiny" else
-                                         sample.release_builders(weights, "base", "none", "turbo", torch.bfloat16),
+                                         sample.release_builders(weights, "base", "none", torch.bfloat16),
                                          device, offload="model")
             sample_preview(net, source, Path(out) / "samples" / f"step-{trainer.step:07d}.mp4", sample_steps, decoders, rank)
         if trainer.step % save_every == 0 or trainer.step == steps:
