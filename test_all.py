@@ -1587,6 +1587,7 @@ def run_cli(*args, cwd=None, env=None):
                           cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_tiny_random_t2v(tmp_path):
     """The acceptance command: one H.264 stream at 25 fps and one AAC stream at 44.1 kHz, same length."""
     out = tmp_path / "F.mp4"
@@ -2385,6 +2386,7 @@ def test_a2v_audio_trimmed_to_seconds_and_m4a_end_trim(tmp_path):
     assert req.seconds is None and len(req.audio) == 2 * 51200
 
 
+@pytest.mark.slow
 def test_same_seed_same_mp4_bytes(tmp_path):
     """The same request in four fresh processes (one pinned to one core) writes byte-identical mp4s:
     libx264's thread count is pinned, not taken from the machine, and on AVX-512 CPUs x264 is capped
@@ -2792,6 +2794,7 @@ def test_quant_t5gemma_golden_within_bound(tmp_path, mode):
     check_tols({"out.last_hidden_state": out}, t, {"out.last_hidden_state": QUANT_BOUND[mode]}, f"t5gemma {mode}")
 
 
+@pytest.mark.slow
 def test_quantize_save_load_round_trip(tmp_path):
     """`load_weights.py quantize` (the CLI) -> a sharded 8-bit folder -> load_dit: the same tensors
     as quantizing while loading the original; half the bytes of bf16 for the block linears; a float
@@ -2877,6 +2880,7 @@ print(json.dumps({"peak": peak[0] - base, "resident": sum(p.numel() * p.element_
 """
 
 
+@pytest.mark.slow
 def test_quantized_load_never_holds_a_bf16_model(tmp_path):
     """Peak host memory (anonymous RSS, polled in a fresh process) while loading a mid-size DiT
     (~70M parameters) from an fp32 file (as distill/SR are released): with --quant int8 the peak stays
@@ -3178,6 +3182,7 @@ def test_sample_toy_refuses_unknown_words(tmp_path):
     assert r.stderr.count("\n") == 1 and "'purple'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["base", "distill"])
 def test_toy_checkpoints_colour_and_pitch(tmp_path, which):
     """The committed toy checkpoints, sampled end to end by `sample.py --toy` (8 prompts, one seed
