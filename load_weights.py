@@ -1032,7 +1032,7 @@ def merge_lora(dit: nn.Module, lora: LoRA, scale: float = 1.0) -> nn.Module:
     for name, adapter in lora.adapters():
         w = getattr(dit.get_submodule(name), "weight", None)  # [out, in]
         if w is None or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"{name}: cannot merge a LoRA into {getattr(w, 'dtype', 'quantized')} weights; "
+            raise InputError(f"{name}: cannot merge a LoRA into {getattr(w, 'dtype', 'quantized')} weights; "
                              "merge before quantizing, or run the adapters unmerged")
         w.copy_((w.float() + scale * adapter.weight_delta().to(w.device)).to(w.dtype))
     return dit

@@ -1166,6 +1166,8 @@ def _resolve(args):
         raise InputError("the prompt is not valid UTF-8 text") from None
     if args.seconds <= 0:
         raise InputError(f"--seconds must be a positive whole number, got {args.seconds}")
+    if args.lora_merge and args.quant != "none":
+        raise InputError("--lora-merge needs float weights: drop --quant, or run the adapters unmerged (no --lora-merge)")
     if not 0 <= args.seed < 2**63:
         raise InputError(f"--seed must be between 0 and {2**63 - 1}, got {args.seed}")
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:

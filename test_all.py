@@ -2479,6 +2479,11 @@ def _bad_requests(d: Path) -> dict:
         "latents == out": (["--latents", str(d / "o.mp4")], "name the same file"),
         "latents == wav": (["--wav", "--latents", str(d / "o.wav")], "name the same file"),
         "latents hard link of out": (["--out", str(d / "old.mp4"), "--latents", str(d / "hard.st")], "name the same file"),
+        "lora missing": (["--lora", str(d / "no.safetensors")], "file not found"),
+        "lora merged into 8-bit weights": (["--lora", str(d / "no.safetensors"), "--lora-merge", "--quant", "int8"],
+                                           "--lora-merge needs float weights"),
+        "toy word": (["--toy", "--prompt", "a purple ball"], "does not know the word"),
+        "toy too long": (["--toy", "--prompt", "a red ball", "--seconds", "61"], "--seconds must be"),
     }
     (d / "sub.mp4").mkdir()
     os.link(d / "old.mp4", d / "hard.st")
