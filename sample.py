@@ -667,6 +667,14 @@ def x264_params() -> dict:
     return {"x264-params": "asm=AVX2"} if "avx512f" in flags and "avx2" in flags else {}
 
 
+def to_yuv420p(frame: np.ndarray):
+    """uint8 [H, W, 3] RGB -> a yuv420p av.VideoFrame through swscale's bicubic filter: what the ffmpeg
+    CLI (upstream's imageio writer) does, to the bit; PyAV's own default is bilinear."""
+    import av
+
+    return av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", interpolation="BICUBIC")
+
+
 def pcm16(audio: np.ndarray) -> np.ndarray:
     """float [N, C] -> int16 [N, C]: clipped to [-1, 1], scaled by 32767 and rounded, as a 16-bit
     wav is written upstream (the decoder overshoots +-1 now and then)."""
@@ -696,8 +704,7 @@ def mp4_writer(frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, cont
                 a = out.add_stream("aac", rate=OUT_RATE)
                 a.layout = "stereo"
             for f in tqdm(frames, desc="write video", disable=not progress, leave=False):
-                rgb = av.VideoFrame.from_ndarray(f, format="rgb24")
-                out.mux(v.encode(rgb.reformat(format="yuv420p", interpolation="BICUBIC")))
+                out.mux(v.encode(to_yuv420p(f)))
             out.mux(v.encode())
             if a is not None:
                 pcm = np.ascontiguousarray(pcm16(audio).T)  # [2, N] int16, planar

@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -3427,3 +3428,26 @@ def test_lora_file_round_trip_and_a_mismatched_lora_is_refused(tmp_path, capsys)
     save_file({"block.layers.9.mlp.down_proj.lora_A.weight": torch.zeros(2, 4)}, str(stray))
     with pytest.raises(load_weights.CheckpointError, match=r"key block\.layers\.9\.mlp\.down_proj\.lora_A\.weight names no"):
         load_weights.load_lora(stray, dit)
+
+
+# ---- issue 12 (follow-up): RGB -> yuv420p as the ffmpeg CLI does it ----
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command-line tool to compare against")
+def test_yuv420p_planes_equal_the_ffmpeg_cli(tmp_path):
+    """sample.to_yuv420p gives the ffmpeg CLI's planes to the bit (its default RGB -> yuv420p scaler is
+    swscale's bicubic); PyAV's default (bilinear) differs, which shows the comparison can fail."""
+    import av
+
+    rng = np.random.default_rng(0)
+    H, W = 64, 96  # smooth random texture: chroma subsampling filters differ visibly on it
+    rgb = np.clip(np.cumsum(rng.integers(-20, 21, (H, W, 3)), axis=1) + 128, 0, 255).astype(np.uint8)
+    rgb.tofile(tmp_path / "in.rgb")
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W}x{H}",
+                    "-i", str(tmp_path / "in.rgb"), "-pix_fmt", "yuv420p", "-f", "rawvideo", str(tmp_path / "out.yuv")],
+                   check=True)
+    cli = np.fromfile(tmp_path / "out.yuv", np.uint8)  # Y [H, W], then U and V [H/2, W/2]
+    ours = sample.to_yuv420p(rgb).to_ndarray().reshape(-1)
+    bilinear = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray().reshape(-1)
+    assert np.array_equal(ours, cli)
+    assert not np.array_equal(bilinear, cli)
