@@ -30,14 +30,22 @@ Every latent stays float32 (the DiT does its own bf16 casts inside).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
 import time
+import warnings
+import wave
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import av
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import load_weights as lw
@@ -45,8 +53,10 @@ import model as dit_lib
 import quant as q8
 import sr as sr_stage
 import text_encoder as te
+import toy
 import vae
 from load_weights import InputError, atomic_write_all
+from model import DiT, dit_config
 
 # ==================================================================================================
 # Settings (official EvaluationConfig, inference/common/config.py) and the example presets
@@ -564,10 +574,6 @@ def read_prompt_file(path) -> str:
 
 def read_image(path):
     """The TI2V reference image as a PIL RGB image (EXIF orientation applied later, in vae.py)."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     lw.check_input_file(path, "--image")
     try:
         with warnings.catch_warnings():
@@ -594,8 +600,6 @@ def read_audio(path, seconds: float | None) -> torch.Tensor:
     resampler (libswresample) that the CLI uses by default. Trimmed to `seconds` (as upstream),
     never padded; an MP4/M4A's declared duration is honoured (the CLI applies the container's end
     trim, PyAV's decoder does not: AAC would come out ~10 ms long, sometimes one latent more)."""
-    import av
-
     lw.check_input_file(path, "--audio")
     try:
         container = av.open(str(path))
@@ -670,8 +674,6 @@ def x264_params() -> dict:
 def to_yuv420p(frame: np.ndarray):
     """uint8 [H, W, 3] RGB -> a yuv420p av.VideoFrame through swscale's bicubic filter: what the ffmpeg
     CLI (upstream's imageio writer) does, to the bit; PyAV's own default is bilinear."""
-    import av
-
     return av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", interpolation="BICUBIC")
 
 
@@ -691,8 +693,6 @@ def mp4_writer(frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, cont
     does by default: RGB -> yuv420p through swscale's bicubic filter (PyAV's own default is bilinear)
     and the AAC encoder fed the 16-bit samples (so clipped, never above full scale).
     """
-    import av
-
     def write(tmp):
         with av.open(str(tmp), mode="w", format=container) as out:
             v = out.add_stream("libx264", rate=fps)
@@ -721,8 +721,6 @@ def mp4_writer(frames: np.ndarray, audio: np.ndarray | None, fps: int = 25, cont
 def wav_writer(audio: np.ndarray, rate: int = OUT_RATE):
     """A `write(path)` for `atomic_write_all`: float32 [N, 2] -> 16-bit PCM wav (soundfile's default
     subtype upstream)."""
-    import wave
-
     pcm = pcm16(audio)
 
     def write(tmp):
@@ -737,8 +735,6 @@ def wav_writer(audio: np.ndarray, rate: int = OUT_RATE):
 
 def write_mp4(path, frames: np.ndarray, audio: np.ndarray | None, fps: int = 25) -> None:
     """`mp4_writer` into `path` atomically; the container follows the extension (CONTAINERS)."""
-    from pathlib import Path
-
     container = CONTAINERS.get(Path(path).suffix.lower())
     if container is None:
         raise InputError(f"{path}: the extension must be one of {', '.join(CONTAINERS)}")
@@ -893,9 +889,6 @@ def lora_builders(builders: dict, specs: list, merge: bool, dit_preset: str, dev
     """`builders` with LoRA files (`FILE[:SCALE]`, train.py's adapters) on the base DiT, merged into its
     weights or attached unmerged (load_weights.LoRAHooks). Every file is checked against the DiT's
     shapes on the meta device first, so a LoRA that does not fit stops before any weights load."""
-    import load_weights as lw
-    from model import DiT, dit_config
-
     with torch.device("meta"):
         meta_dit = DiT(dit_config(dit_preset))  # shapes only, no memory
     loras = []
@@ -963,8 +956,6 @@ def encode_text(models: Models, text: str, text_weights=None, progress: bool = F
     a repeated prompt) never loads the 18 GB encoder again."""
 
     def compute():
-        import warnings
-
         encoder = models.get("text_encoder")
         with call_bar(list(encoder.layers), len(encoder.layers), "text encode", progress), warnings.catch_warnings():
             if text == te.NEGATIVE_PROMPT:
@@ -985,8 +976,6 @@ def encode_text(models: Models, text: str, text_weights=None, progress: bool = F
 def call_bar(modules, total: int, desc: str, enabled: bool):
     """A progress bar that advances once per forward call of any of `modules` (the networks stay
     free of progress code): the text encoder's layers, the video decoder's windows."""
-    import contextlib
-
     @contextlib.contextmanager
     def bar():
         if not enabled:
@@ -1099,8 +1088,6 @@ EXAMPLES = """examples:
 
 
 def build_parser():
-    import argparse
-
     p = lw.OneLineParser(
         prog="sample.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Generate a talking-person video with its speech (one mp4) from a text prompt, "
@@ -1214,8 +1201,6 @@ def _resolve(args):
 def _output_paths(args, size, sr_size) -> dict:
     """{flag: resolved path} of every file the run writes, each checked (a regular file or a new
     name in a writable folder, the right extension, no two the same) before any work is done."""
-    from pathlib import Path
-
     out = args.out
     if out is None:
         out = f"magihuman_{args.seconds}s_{size[0]}x{size[1]}"
@@ -1235,8 +1220,6 @@ def _output_paths(args, size, sr_size) -> dict:
 
 
 def _check_weights(weights, args) -> None:
-    import load_weights as lw
-
     models = [args.model] + ([f"{args.sr}_sr"] if args.sr != "none" else [])
     missing = lw.missing_files(weights, models, args.vae, image=bool(args.image))
     if missing:
@@ -1256,8 +1239,6 @@ def memory_needed(req: Request, cfg: SampleConfig, model: str, dtype: torch.dtyp
     clip, 2.3 GB at --sr 540p, against bounds of 0.45 and 1.8 GB); a request over this bound
     cannot run at all, so it is refused before anything is allocated.
     """
-    from model import dit_config
-
     num_frames = len(req.audio) // 2048 if req.audio is not None else num_frames_for(req.seconds, cfg.fps)
     T = latent_length(num_frames)
     w, h = req.sr_size if req.sr != "none" else floored_size(*req.size)
@@ -1312,9 +1293,6 @@ def main(argv=None) -> int:
 
 
 def _run(args, written: list) -> None:
-    import os
-    from pathlib import Path
-
     req, cfg, outputs = _resolve(args)
     weights = Path(args.weights or os.environ.get("MAGIHUMAN_WEIGHTS", "weights"))
     if not args.tiny_random:
@@ -1348,8 +1326,6 @@ def _run(args, written: list) -> None:
             if "--wav" in outputs:
                 items.append((outputs["--wav"], wav_writer(audio)))
             if "--latents" in outputs:
-                from safetensors.torch import save_file
-
                 items.append((outputs["--latents"], lambda tmp: save_file(latents, str(tmp))))
             with timer("write"):
                 atomic_write_all(items)  # all or none
@@ -1358,8 +1334,6 @@ def _run(args, written: list) -> None:
                   f"{audio.shape[0] / OUT_RATE:.2f} s of audio)")
             print(format_timings(timer.times))
         if sp is not None:
-            import torch.distributed as dist
-
             dist.barrier()  # the other ranks wait for rank 0's files before gloo/NCCL is torn down
     finally:
         dit_lib.end_distributed(barrier=False)  # the success path has met at its barrier above
@@ -1368,6 +1342,7 @@ def _run(args, written: list) -> None:
 def _check_cpu_compiler() -> None:
     """torch.compile on CPU writes C++: without a compiler it would fail deep inside the first step."""
     try:
+        # Lazy on purpose: a private torch module, needed only for --compile on a CPU.
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         get_cpp_compiler()
@@ -1406,9 +1381,6 @@ def toy_generate(folder, prompt: str, seconds: int = 2, seed: int = 42, model: s
     """One toy clip through the same base pass as the real model (base: CFG against the null prompt
     and UniPC; distill: step_ddim, no CFG) -> (frames uint8 [F, 32, 32, 3], audio float32 [64 N] at
     1600 Hz). F = 25·seconds + 1: the last decoded frame is repeated up to the audio's length."""
-    import load_weights as lw
-    import toy
-
     dit_cfg, norm, words = toy.read_toy_json(folder)
     try:
         text = words.encode(prompt)[None]  # [1, n, C]
@@ -1428,8 +1400,6 @@ def toy_generate(folder, prompt: str, seconds: int = 2, seed: int = 42, model: s
 def toy_main(args, written: list) -> None:
     """`sample.py --toy`: write an mp4 of a toy clip (frames upscaled 8x nearest, audio at 44.1 kHz).
     Bad input is checked with the same helpers as the real pipeline, before any network is built."""
-    import toy
-
     prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     if not prompt or not prompt.strip():
         raise InputError(f"the prompt is empty: pass e.g. --prompt \"{toy.ALL_PROMPTS[0]}\"")

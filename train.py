@@ -38,15 +38,26 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import av
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 import distill
 import load_weights
+import sample
+import text_encoder as te
+import toy
+import vae
 from model import DiT, DiTConfig, dit_config, random_dit
 
 # ==================================================================================================
@@ -116,8 +127,6 @@ class ToyData:
     """Clips of the toy world rendered on the fly: a clip's seed is drawn from the training RNG."""
 
     def __init__(self, seconds: float, norm, words):
-        import toy
-
         self.toy, self.seconds = toy, seconds
         self.codec, self.words = toy.Codec(norm), words
         self.negative = words.null()  # [1, C]
@@ -201,7 +210,6 @@ class Trainer:
             self.ema.update(self.net, self.step)
         losses = torch.stack([loss.detach(), lv.detach(), la.detach()])
         if self.mesh is not None:  # the logged loss is the mean over ranks
-            import torch.distributed as dist
 
             dist.all_reduce(losses)
             losses /= self.mesh.size()
@@ -217,8 +225,6 @@ class Trainer:
 
     def save(self, out, extra_files: dict | None = None) -> Path:
         """OUT/ckpt-NNNNNNN/ (see the module docstring), then OUT/latest points at it."""
-        from safetensors.torch import save_file
-
         folder = Path(out) / f"ckpt-{self.step:07d}"
         rank0 = self.rank == 0
         for name, state_dict in (("model.safetensors", self.ema_state_dict),
@@ -343,9 +349,6 @@ def read_clip_frames(path, frames: int, width: int, height: int, fps: int = 25) 
     """The first `frames` frames at `fps` (the source frame shown at each time i/fps; the last frame
     repeated if the clip is shorter), centre-cropped and resized like a TI2V image -> [1, 3, F, H, W]
     in [-1, 1]."""
-    import av
-    import vae
-
     out = []
     try:
         container = av.open(str(path))
@@ -374,8 +377,6 @@ def read_clip_frames(path, frames: int, width: int, height: int, fps: int = 25) 
 def read_clip_audio(path, frames: int, fps: int = 25) -> torch.Tensor:
     """The sound as A2V reads it (sample.read_audio: mono, 51.2 kHz, int16-quantised), cut or
     zero-padded to `frames` audio latents (2048 samples each at 25 fps) -> [frames · 2048]."""
-    import sample
-
     try:
         mono = sample.read_audio(path, None)
     except sample.InputError as e:
@@ -386,8 +387,6 @@ def read_clip_audio(path, frames: int, fps: int = 25) -> torch.Tensor:
 
 def clip_audio_seed(name: str, seed: int) -> int:
     """The seed of a clip's audio posterior draw: stable per name, independent of the clip order."""
-    import zlib
-
     return (seed + zlib.crc32(name.encode("utf-8"))) % 2**31
 
 
@@ -395,12 +394,6 @@ def prepare(clips_dir, out, weights=None, tiny_random=False, size=(448, 256), se
             progress=True) -> dict:
     """Encode every clip of `clips_dir` not yet in `out` (see the banner); returns the summary
     {"done": [...], "skipped": [...], "failed": {name: message}}."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    import sample
-    import text_encoder as te
-
     clips = find_clips(clips_dir)  # bad input first, before any network loads
     width, height = size
     lh, lw = sample.latent_size(width, height)
@@ -558,11 +551,6 @@ def lora_network(cfg: TrainConfig, dit_cfg: DiTConfig, init_from, ckpt, device, 
 def sample_preview(net, source: CachedLatents, path, steps: int, decoders, rank: int = 0) -> None:
     """One clip from the first cached caption (live weights, base sampler with CFG, seed 0) -> mp4:
     the same base pass as sample.py, the decoders of `decoders` (a sample.Models)."""
-    import numpy as np
-
-    import sample
-    import vae
-
     video0, audio0 = source.data.video[0], source.data.audio[0]  # [48, T, h, w], [F, 64]
     text, neg = source.data.text[0], source.negative
     dev = next(iter(net.parameters())).device
@@ -593,15 +581,13 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
          resume=False, save_every=250, log_every=10, device=None, threads=None, progress=True, sample_every=0,
          sample_steps=16, weights=None, **overrides):
     """Train and write checkpoints to `out`; returns the Trainer. `overrides` are TrainConfig fields."""
-    from tqdm import tqdm
-
     if threads:
         torch.set_num_threads(int(threads))
     rank, world, mesh, device = distill.init_distributed(device)
     cfg = TrainConfig(**overrides)
     extra = {}
     if toy:
-        import toy as toy_lib
+        import toy as toy_lib  # the parameter `toy` shadows the module here
 
         if init_from is not None and (Path(init_from) / toy_lib.TOY_JSON).is_file():
             dit_cfg, norm, words = toy_lib.read_toy_json(init_from)
@@ -659,8 +645,6 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
                 f.write(json.dumps(logs) + "\n")
         if sample_every and trainer.step % sample_every == 0:
             if decoders is None:
-                import sample
-
                 decoders = sample.Models(sample.tiny_builders(torch.float32) if preset == "tiny" else
                                          sample.release_builders(weights, "base", "none", torch.bfloat16),
                                          device, offload="model")
@@ -676,11 +660,6 @@ def evaluate_toy(folder, model: str = "base", clips: int = 16, seconds: int = 2,
                  workdir=None, verbose: bool = False) -> dict:
     """The metrics of issue 14 on mp4s written by sample.py's toy pipeline: clip i uses prompt
     i mod 8 and seed i div 8 + 1 (so 8 clips cover every prompt once), then toy.score."""
-    import tempfile
-
-    import sample
-    import toy
-
     results = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for i in range(clips):
@@ -731,8 +710,6 @@ def parse_args(argv=None):
 def prepare_main(argv) -> int:
     """`train.py prepare CLIPS --out CACHE ...`: exit 0 when every clip is cached, 1 if some failed,
     2 on bad input (no such folder, no clips, bad --size, missing weights)."""
-    import sample
-
     p = load_weights.OneLineParser(prog="train.py prepare", description="Encode a folder of clips (mp4/mov/mkv/webm "
                                 "+ name.txt or captions.jsonl) into cached latents for train.py --data.")
     p.add_argument("clips", help="folder of video files with their captions")
@@ -770,7 +747,6 @@ def cli(argv=None) -> int:
         if not evaluate:
             main(**vars(args))
             return
-        import toy
 
         if args.threads:
             torch.set_num_threads(args.threads)
