@@ -2527,14 +2527,13 @@ def test_sample_all_outputs_or_none(tmp_path, capsys, monkeypatch):
     """--wav and --latents with the mp4: a failure while writing the last one (Ctrl-C, a full disk)
     leaves none of them, and an mp4 that existed before keeps its old bytes."""
     import errno
-    import safetensors.torch
     (tmp_path / "o.mp4").write_bytes(b"old")
     argv = _argv_64x32(tmp_path, "--out", str(tmp_path / "o.mp4"), "--wav", "--latents", str(tmp_path / "o.st"))
     for exc, message in ((KeyboardInterrupt, "interrupted: no output written"),
                          (OSError(errno.ENOSPC, "No space left on device"), "error: No space left on device")):
         def fail(*a, **k):
             raise exc
-        monkeypatch.setattr(safetensors.torch, "save_file", fail)
+        monkeypatch.setattr(sample, "save_file", fail)  # the --latents writer, the last of the three
         assert sample.main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
