@@ -1742,16 +1742,21 @@ def test_bench_tiny_runs_and_prints_the_table():
     assert "tiny configs, eager" in r.stdout and "tiny configs, compiled" in r.stdout
 
 
-def test_cli_offload_modes_give_the_same_latents(tmp_path):
-    """--offload model / layers (streamed DiT layers) change where weights live, never a number."""
-    import sample
+def _final_latents(tmp_path, flag: str, modes) -> dict:
+    """{mode: the final latents} of one tiny-random request run once per value of `flag`."""
     from safetensors.torch import load_file
     outs = {}
-    for mode in ("none", "model", "layers"):
+    for mode in modes:
         argv = ["--tiny-random", "--prompt", "hello", "--quiet", "--size", "64x32", "--seconds", "1",
-                "--offload", mode, "--out", str(tmp_path / f"{mode}.mp4"), "--latents", str(tmp_path / f"{mode}.st")]
+                flag, mode, "--out", str(tmp_path / f"{mode}.mp4"), "--latents", str(tmp_path / f"{mode}.st")]
         assert sample.main(argv) == 0
         outs[mode] = load_file(str(tmp_path / f"{mode}.st"))
+    return outs
+
+
+def test_cli_offload_modes_give_the_same_latents(tmp_path):
+    """--offload model / layers (streamed DiT layers) change where weights live, never a number."""
+    outs = _final_latents(tmp_path, "--offload", ("none", "model", "layers"))
     for mode in ("model", "layers"):
         assert torch.equal(outs[mode]["video"], outs["none"]["video"]) and torch.equal(outs[mode]["audio"], outs["none"]["audio"])
 
@@ -2937,14 +2942,7 @@ def test_layer_streaming_quantized_equals_resident():
 
 def test_cli_quant_modes(tmp_path):
     """sample.py --quant int8/fp8 (tiny random): runs, and moves the final latents only a little."""
-    import sample
-    from safetensors.torch import load_file
-    outs = {}
-    for mode in ("none", "int8", "fp8"):
-        argv = ["--tiny-random", "--prompt", "hello", "--quiet", "--size", "64x32", "--seconds", "1",
-                "--quant", mode, "--out", str(tmp_path / f"{mode}.mp4"), "--latents", str(tmp_path / f"{mode}.st")]
-        assert sample.main(argv) == 0
-        outs[mode] = load_file(str(tmp_path / f"{mode}.st"))
+    outs = _final_latents(tmp_path, "--quant", ("none", "int8", "fp8"))
     for mode in ("int8", "fp8"):
         err = rel_l2(outs[mode]["video"], outs["none"]["video"])
         assert 0 < err < QUANT_BOUND[mode], (mode, err)
