@@ -882,11 +882,15 @@ def barrier(mesh):
         dist.barrier()
 
 
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The folder named in `out/latest`, if it is complete; else None."""
+def latest_checkpoint(out: str | os.PathLike, resume: bool = True) -> Path | None:
+    """The folder named in `out/latest`, if it is complete; else None. Without `resume`, a run must not
+    start over in a folder that already holds one: its checkpoints would be overwritten one by one."""
     pointer = Path(out) / "latest"
     if not pointer.is_file():
         return None
+    if not resume:
+        raise ValueError(f"{out} already holds a run (latest: {pointer.read_text().strip()}); "
+                         "--resume continues it, or choose another --out")
     folder = Path(out) / pointer.read_text().strip()
     if not (folder / STATE_FILE).is_file():
         raise load_weights.CheckpointError(f"{folder}: incomplete checkpoint (no {STATE_FILE})")
@@ -1146,7 +1150,7 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
             if gan_data is None:
                 raise ValueError("--gan needs --gan-data (real paired latents, see RealData)")
             real = read_real_data(gan_data, shapes, dit_cfg.text_in_channels)
-    ckpt = latest_checkpoint(out) if resume else None  # --resume without a checkpoint starts fresh
+    ckpt = latest_checkpoint(out, resume)  # --resume without a checkpoint starts fresh
     d = build(teacher, bank, cfg, dit_cfg, shapes, device=device, rank=rank, mesh=mesh, resume_from=ckpt,
               real_data=real)
     if rank == 0:

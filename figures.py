@@ -8,8 +8,10 @@ schedules), so a change there shows up here when the script is run again. Figure
   weights each token meets in each of the 40 layers (the "sandwich");
 - docs/local_attention.png: the attention mask of a local-attention layer;
 - docs/rope_time.png: where the RoPE puts video, audio and text tokens on the time axis;
-- docs/sigma_grids.png: the noise levels (σ) of the base, distilled and SR passes.
-New figures register in FIGURES at the bottom (e.g. toy-world frames before and after training).
+- docs/sigma_grids.png: the noise levels (σ) of the base, distilled and SR passes;
+- docs/toy_world.png: the toy world of toy.py and what the untrained, trained and distilled toy
+  DiTs make of one prompt (checkpoints/toy_*; about 10 s on a CPU).
+New figures register in FIGURES at the bottom.
 """
 
 from __future__ import annotations
@@ -225,12 +227,69 @@ def sigma_grids(path: Path) -> None:
     img.save(path)
 
 
+# ==================================================================================================
+# 5. The toy world: what the committed toy checkpoints make, against the world itself
+# ==================================================================================================
+
+
+def toy_world(path: Path, prompt: str = "a blue ball bounces with a high beep", seed: int = 2) -> None:
+    """Rows: a clip of the world, then what an untrained DiT (random weights, the same shape), the
+    trained base (CFG + UniPC) and the distilled student (8 steps) make for the same prompt and seed,
+    through sample.toy_generate. Each row: every second frame of the first second, then the ball's
+    row per frame over 2 s (toy.measure_frames) with the floor contacts (black dots) and the beep
+    onsets (red ticks) that toy.measure finds."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    import toy
+
+    here = Path(__file__).resolve().parent
+    base, distilled = (here / sample.TOY_CHECKPOINTS[m] for m in ("base", "distill"))
+    colour, pitch = (w for w in prompt.split() if w in toy.COLOURS or w in toy.PITCHES)
+    _, frames, wave = toy.make_clip(7, 2.0, colour, pitch)
+    rows = [("the world (clip seed 7)", frames, wave)]
+    with tempfile.TemporaryDirectory() as untrained:
+        cfg, norm, _ = toy.read_toy_json(base)
+        save_file(model.random_dit(cfg).state_dict(), str(Path(untrained) / "model.safetensors"))
+        toy.write_toy_json(untrained, cfg, norm)
+        for label, folder, sampler in (("untrained DiT", untrained, "base"), ("toy_base (CFG, UniPC)", base, "base"),
+                                       ("toy_distill (8 steps)", distilled, "distill")):
+            frames, wave = sample.toy_generate(folder, prompt, 2, seed, sampler, progress=False)
+            rows.append((label, frames, wave))
+    k, strip = 2, 13  # every 2nd frame, 13 of them (~1 s)
+    cell = toy.SIZE * k
+    W, H = 160 + strip * cell + 460, 50 + len(rows) * (cell + 30)
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    text(d, (10, 10), f'"{prompt}", sampling seed {seed}: frames 0, 2, .., 24 (left); ball row per frame, '
+                      "floor contacts and beep onsets over 2 s (right)", 14)
+    for r, (label, frames, wave) in enumerate(rows):
+        top = 40 + r * (cell + 30)
+        text(d, (10, top + cell // 2), label, 12, anchor="lm")
+        for j in range(strip):
+            img.paste(Image.fromarray(frames[2 * j]).resize((cell, cell), Image.NEAREST), (160 + j * cell, top))
+        m = toy.measure(frames, wave, toy.AUDIO_RATE, num_frames=len(frames))
+        _, y = toy.measure_frames(frames)
+        c = Chart(img, (160 + strip * cell + 30, top, W - 20, top + cell), (0, len(frames) - 1), (toy.SIZE, 0), "", "", "")
+        c.hline(toy.FLOOR_ROW)
+        seen = [(i, v) for i, v in enumerate(y.tolist()) if v == v]  # NaN: no ball in that frame
+        c.series([i for i, _ in seen], [v for _, v in seen], COLORS["video"], r=1)
+        c.series(m.contacts, [toy.FLOOR_ROW] * len(m.contacts), (0, 0, 0), r=4, line=False)
+        for o in m.onsets:
+            px, py = c.xy(o, 0)
+            d.line([px, py, px, py + 12], fill=COLORS["audio"], width=3)
+        text(d, (W - 20, top + cell + 3), f"{len(m.contacts)} contacts, {len(m.onsets)} beeps, {m.synced} in sync, "
+             f"colour {m.colour}, pitch {m.pitch}", 11, anchor="ra")
+    img.save(path)
+
+
 FIGURES = {
     "packed_sequence.png": packed_sequence,
     "local_attention.png": local_attention,
     "rope_time.png": rope_time,
     "sigma_grids.png": sigma_grids,
-    # "toy_world.png": toy frames before and after training, once train.py's toy world exists.
+    "toy_world.png": toy_world,
 }
 
 

@@ -1306,7 +1306,7 @@ def _run(args, written: list) -> None:
         builders = lora_builders(builders, args.lora, args.lora_merge, "tiny" if args.tiny_random else args.model, device)
     _check_prompt_memory(builders["tokenizer"]("cpu"), req.prompt, device)
     if args.compile and device.type == "cpu":
-        _check_cpu_compiler()
+        check_cpu_compiler()
     try:
         rank, sp = _init_distributed(device)
         if sp is not None and device.type == "cuda":
@@ -1339,7 +1339,7 @@ def _run(args, written: list) -> None:
         dit_lib.end_distributed(barrier=False)  # the success path has met at its barrier above
 
 
-def _check_cpu_compiler() -> None:
+def check_cpu_compiler() -> None:
     """torch.compile on CPU writes C++: without a compiler it would fail deep inside the first step."""
     try:
         # Lazy on purpose: a private torch module, needed only for --compile on a CPU.

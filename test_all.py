@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import math
@@ -21,23 +22,47 @@ import os
 import pickle
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import zstandard
+from PIL import Image
+from safetensors.torch import load_file, save, save_file
+from scipy.stats import kstest
+from tokenizers import processors
 from torch import nn
 
+import bench
 import distill
 import load_weights
 import model
+import quant
 import sample
 import sr
-from model import DIT_PRESETS, DiT, DiTConfig, count_params, dense_attn_mask
+import text_encoder
+import toy
+import train
+import vae
+from bench import dit_flops
+from model import (
+    DIT_PRESETS, DiT, DiTConfig, ElementWiseFourierEmbed, LayerStreamer, SeqLayout, SequenceParallel, attention,
+    attention_masks, compile_layers, count_params, dense_attn_mask, dit_config, patchify, sequence_coords, unpatchify,
+)
+from text_encoder import (
+    FULL, NEGATIVE_PROMPT, SLIDING, GemmaTokenizer, T5GemmaEncoder, T5GemmaEncoderConfig, encode_prompt,
+    tiny_tokenizer,
+)
 
 HERE = Path(__file__).resolve().parent
 GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", HERE / "golden"))
@@ -68,7 +93,6 @@ def check_tols(ours: dict, ref: dict, tol: dict, label: str) -> None:
 
 
 def load_case(path: Path):
-    from safetensors.torch import load_file
 
     spec = json.loads(path.read_text())
     tensors = load_file(str(path.with_suffix(".safetensors")))
@@ -200,7 +224,6 @@ def test_dit_presets():
 
 def test_patch_orders():
     """Input features are channel-major f = 4c + 2pH + pW; output is patch-major f = 48(2pH + pW) + c."""
-    from model import patchify, unpatchify
     C, T, h, w = 48, 2, 4, 6
     video = torch.randn(1, C, T, h, w)
     tok = patchify(video)
@@ -214,7 +237,6 @@ def test_patch_orders():
 
 def test_sequence_coords_worked_example():
     """A worked example: the 4 s 448x256 request, video/audio/text coordinates for v1 and v2."""
-    from model import sequence_coords
     Nt = 5
     for style in ("v1", "v2"):
         c = sequence_coords(26, 8, 14, 101, Nt, style)
@@ -229,7 +251,6 @@ def test_sequence_coords_worked_example():
 
 def test_rope_effective_positions():
     """RoPE angles follow the effective positions: video centred, audio j/4, text 0 (v2)."""
-    from model import ElementWiseFourierEmbed, sequence_coords
     emb = ElementWiseFourierEmbed(128)
     coords = sequence_coords(26, 8, 14, 101, 5, "v2")
     rope = emb(coords)  # [L, 96]: sin(t,h,w) | cos(t,h,w)
@@ -252,7 +273,6 @@ def official_local_ranges(Nv, Nat, F, R):
 
 
 def test_local_mask_matches_official_ranges():
-    from model import SeqLayout
     for F_, tpf, Na, Nt, R in [(6, 4, 7, 3, 1), (5, 6, 5, 2, 11), (8, 2, 9, 4, 2), (3, 1, 1, 1, 0)]:
         layout = SeqLayout(F_ * tpf, Na, Nt, tpf)
         L = layout.length
@@ -265,7 +285,6 @@ def test_local_mask_matches_official_ranges():
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_equals_dense_mask():
     """FlexAttention (block mask, the GPU path) == SDPA with the dense boolean mask (the CPU path)."""
-    from model import SeqLayout, attention, attention_masks
     layout = SeqLayout(6 * 8, 5, 7, 8, kv_len=[60, 55])
     q = torch.randn(2, 4, layout.length, 16)
     k, v = torch.randn(2, 2, layout.length, 16), torch.randn(2, 2, layout.length, 16)
@@ -320,8 +339,6 @@ def test_dit_rejects_bad_inputs():
 
 def write_dit_checkpoint(folder: Path, sd: dict, layout: str, shards: int = 3) -> Path:
     """Write `sd` in one of the official DiT layouts: single file, shards + index, `.zst` shards + index."""
-    import zstandard
-    from safetensors.torch import save, save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.contiguous() for k, v in sd.items()}
@@ -397,7 +414,6 @@ def test_load_dit_missing_shard(tmp_path):
 
 
 def _free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -405,8 +421,6 @@ def _free_port() -> int:
 
 def _sp_worker(rank, world, out_dir):
     """One rank: both golden DiT cases under sequence parallelism, then the two refused setups."""
-    from safetensors.torch import save_file
-    from model import SequenceParallel
     torch.set_num_threads(1)
     # A file rendezvous: no TCP port to pick (and race for) on a shared CI machine.
     model.init_distributed("cpu", world_size=world, rank=rank, init_method=f"file://{out_dir / 'rendezvous'}")
@@ -444,7 +458,6 @@ def test_sequence_parallel(tmp_path, world):
     single-process output (3 does not divide the 4 query heads: the head-padding fallback).
     Without the fallback 3 ranks are refused; ranks with different weights are refused."""
     import torch.multiprocessing as mp
-    from safetensors.torch import load_file
     mp.spawn(_sp_worker, args=(world, tmp_path), nprocs=world)
     for case in ("dit_tiny_t2v", "dit_tiny_sr_local"):
         spec, t = load_case(GOLDEN_DIR / f"{case}.json")
@@ -471,7 +484,6 @@ def _write_t5gemma_release(folder: Path, config: dict, encoder_sd: dict) -> None
     Like the real checkpoint, the shards also hold decoder tensors; the last shard holds *only*
     decoder tensors and is deliberately not a safetensors file, so a loader that opened it would fail.
     """
-    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"model_type": "t5gemma", "encoder": config, "decoder": config}))
@@ -491,9 +503,7 @@ def _write_t5gemma_release(folder: Path, config: dict, encoder_sd: dict) -> None
 
 @golden_kind("t5gemma_encoder")
 def run_t5gemma_encoder(spec, tensors):
-    import tempfile
 
-    import load_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         _write_t5gemma_release(Path(tmp), spec["config"], golden_weights(tensors))
@@ -507,7 +517,6 @@ def run_t5gemma_encoder(spec, tensors):
 
 
 def _tiny_random_encoder(seed=0, **overrides):
-    from text_encoder import T5GemmaEncoder, T5GemmaEncoderConfig
 
     torch.manual_seed(seed)
     enc = T5GemmaEncoder(T5GemmaEncoderConfig.tiny(**overrides)).eval()
@@ -524,7 +533,6 @@ def test_text_encoder_bf16_close_to_golden():
     Tolerance 3e-2: the golden notes measure 1.1-1.7e-2 for bf16 weights; the semantic bugs they list
     are >= 0.26 (the small ones, softcap and exact GELU, are caught by the fp32 golden at 2e-5).
     """
-    import load_weights
 
     path = GOLDEN_DIR / "t5gemma_tiny.json"
     if not path.is_file():
@@ -538,10 +546,7 @@ def test_text_encoder_bf16_close_to_golden():
 
 def test_text_tokenizer_bos_no_eos(tmp_path):
     """BOS first, no EOS, even though tokenizer.json's own template appends <eos> and truncates."""
-    from tokenizers import processors
 
-    import load_weights
-    from text_encoder import GemmaTokenizer, tiny_tokenizer
 
     raw = tiny_tokenizer()
     raw.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
@@ -562,9 +567,7 @@ def test_text_tokenizer_bos_no_eos(tmp_path):
 
 def test_text_prompt_encoded_whole_then_cut():
     """A prompt over 640 tokens is encoded whole, then cut to 640 rows with a warning."""
-    import warnings
 
-    from text_encoder import GemmaTokenizer, encode_prompt, tiny_tokenizer
 
     enc, tok = _tiny_random_encoder(), GemmaTokenizer(tiny_tokenizer())
     prompt = "A woman in a red coat says: welcome to the show. " * 15  # 736 tokens with <bos>
@@ -587,7 +590,6 @@ def test_text_prompt_encoded_whole_then_cut():
 
 
 def test_text_empty_prompt_refused():
-    from text_encoder import GemmaTokenizer, encode_prompt, tiny_tokenizer
 
     enc, tok = _tiny_random_encoder(), GemmaTokenizer(tiny_tokenizer())
     for bad in ("", "  \n"):
@@ -599,7 +601,6 @@ def test_text_empty_prompt_refused():
 
 def test_text_encoder_released_config_on_meta():
     """Released config on the meta device: key set, shapes and parameter count of the released encoder."""
-    from text_encoder import FULL, SLIDING, T5GemmaEncoder, T5GemmaEncoderConfig
 
     cfg = T5GemmaEncoderConfig()
     with torch.device("meta"):
@@ -621,7 +622,6 @@ def test_text_encoder_released_config_on_meta():
 
 def test_no_transformers_import():
     """The project must not depend on transformers: no import statement in any project .py file."""
-    import re
 
     imports = [r"^\s*(?:from|import)\s+transformers\b", r"__import__\(\s*['\"]transformers",
                r"import_module\(\s*['\"]transformers"]
@@ -631,7 +631,6 @@ def test_no_transformers_import():
 
 
 def test_negative_prompt_exact():
-    from text_encoder import NEGATIVE_PROMPT
 
     # The official negative prompt: 1719 characters, no trailing newline, this SHA-256 of the UTF-8 bytes.
     assert len(NEGATIVE_PROMPT) == 1719 and not NEGATIVE_PROMPT.endswith("\n")
@@ -641,9 +640,7 @@ def test_negative_prompt_exact():
 
 def test_text_feature_cache(tmp_path):
     """Computed once per (weights identity, text, variant); a changed weight file invalidates it."""
-    import os
 
-    import load_weights
 
     wdir, cache = tmp_path / "t5gemma", tmp_path / "cache"
     wdir.mkdir()
@@ -670,7 +667,6 @@ def test_text_feature_cache(tmp_path):
 
 def test_text_loader_strict(tmp_path):
     """Missing, extra and mis-shaped keys are one clear CheckpointError naming the key and the file."""
-    import load_weights
 
     enc = _tiny_random_encoder()
     cfg = enc.config.to_dict()
@@ -800,7 +796,6 @@ def _golden_sampling(spec, tensors):
             assert torch.equal(v, stub.calls[j - 1][0]) and torch.equal(a, stub.calls[j - 1][1])
     check_tols(ours, tensors, spec["tol_replay"], f"{label} replay")
     # 2) Own DiT (model.py): float32 against out32.*, the shipped bf16 path against out.*.
-    from model import DiTConfig
 
     dcfg = DiTConfig(**spec["config"], coords_style=call["coords_style"],
                      frame_receptive_field=call["frame_receptive_field"])
@@ -1003,7 +998,6 @@ def test_sampling_presets_match_dit_presets():
 
 def test_layer_streaming_equals_resident():
     """--offload layers: weights streamed layer by layer give exactly the resident output."""
-    from model import LayerStreamer
     cfg = tiny_dit_config()
     dit = random_dit(cfg)
     video, audio, text = dit_inputs(cfg)
@@ -1020,7 +1014,6 @@ def test_layer_streaming_equals_resident():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals Inductor touches
 def test_compiled_layers_equal_eager():
     """torch.compile of the layers (Inductor on CPU) == eager, float32 and the bf16 path."""
-    from model import compile_layers
     # Two layers (an expert gelu7 layer and a shared swiglu7 one) keep the compile time down.
     cfg = tiny_dit_config(num_layers=2, mm_layers=[0], gelu7_layers=[0], post_norm_layers=[], local_attn_layers=[])
     video, audio, text = dit_inputs(cfg)
@@ -1035,8 +1028,6 @@ def test_compiled_layers_equal_eager():
 
 def test_dit_flops_match_spec_table():
     """bench.dit_flops against a FLOP table computed independently by hand (4 significant digits)."""
-    from bench import dit_flops
-    from model import dit_config
     cases = [  # (preset, T, h, w, Na, Nt, TFLOP)
         ("base", 32, 16, 28, 126, 100, 95.06), ("base", 26, 16, 28, 101, 200, 78.60),
         ("base", 26, 16, 28, 101, 640, 90.70), ("540p_sr", 26, 32, 56, 101, 200, 377.8),
@@ -1077,12 +1068,11 @@ def _vae_check(spec, tensors, run, model, label):
 
 @golden_kind("wan_vae_encode", "wan_vae_decode")
 def _golden_wan_vae(spec, tensors):
-    import load_weights as lw
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "Wan2.2_VAE.pth"
         torch.save(golden_weights(tensors), path)  # the release's format: a pickled plain state dict
-        model = lw.load_wan_vae(path, config=spec["config"])
+        model = load_weights.load_wan_vae(path, config=spec["config"])
     if spec["kind"] == "wan_vae_encode":
         run = lambda m, x: {"out.latent": m.encode(x["in.video"])}  # noqa: E731
     else:
@@ -1104,7 +1094,6 @@ def _write_turbo_ckpt(path: Path, sd: dict, extra=None):
 
 @golden_kind("turbo_vaed_decode")
 def _golden_turbo_vaed(spec, tensors):
-    import load_weights as lw
 
     cfg, call = spec["config"], spec["call"]
     for k in ("first_chunk_size", "step_size"):  # the windows come from the config; the call must agree
@@ -1114,17 +1103,14 @@ def _golden_turbo_vaed(spec, tensors):
         ckpt, cfg_path = Path(d) / "checkpoint-340000.ckpt", Path(d) / "TurboV3-Wan22-TinyShallow_7_7.json"
         _write_turbo_ckpt(ckpt, golden_weights(tensors))
         cfg_path.write_text(json.dumps({**cfg, "aligned_blks_indices": [0, 1]}))  # + a training-only key
-        model = lw.load_turbo_vaed(cfg_path, ckpt)
+        model = load_weights.load_turbo_vaed(cfg_path, ckpt)
     run = lambda m, x: {"out.video": m.decode(x["in.latent"])}  # noqa: E731
     _vae_check(spec, tensors, run, model, "turbo_vaed_decode")
 
 
 @golden_kind("oobleck_encode", "oobleck_decode")
 def _golden_oobleck(spec, tensors):
-    import load_weights as lw
-    from safetensors.torch import save_file
 
-    import vae
 
     encode = spec["kind"] == "oobleck_encode"
     with tempfile.TemporaryDirectory() as d:
@@ -1136,7 +1122,7 @@ def _golden_oobleck(spec, tensors):
         sao = {"model_type": "diffusion_cond", "sample_rate": spec["config"]["sample_rate"],
                "model": {"pretransform": pretransform}}  # fmt: skip
         cfg_path.write_text(json.dumps(sao))
-        model = lw.load_audio_vae(d, parts=("encoder",) if encode else ("decoder",))
+        model = load_weights.load_audio_vae(d, parts=("encoder",) if encode else ("decoder",))
 
     def run(m, x):
         if encode:  # golden latents are in the VAE's [1, 64, L] layout; ours is [1, L, 64]
@@ -1274,7 +1260,6 @@ def _shapes(module) -> dict:
 
 def test_vae_key_tables_released_configs():
     """Released configs built on meta: exact key sets and shapes, counts and parameter totals of the release."""
-    import vae
 
     with torch.device("meta"):
         wan, turbo, audio = vae.WanVAE(), vae.TurboVAED(), vae.OobleckVAE()
@@ -1296,8 +1281,6 @@ def test_vae_key_tables_released_configs():
 def test_vae_strict_loading_names_key_and_file(tmp_path):
     """A missing, an extra and a mis-shaped key each stop the load with the key and the file named;
     the 8 alignment heads and the `module.` prefix are handled; a json missing nothing loads."""
-    import load_weights as lw
-    import vae
 
     cfg = vae.TurboVAEDConfig.tiny()
     sd = vae.TurboVAED(cfg).state_dict()
@@ -1306,7 +1289,7 @@ def test_vae_strict_loading_names_key_and_file(tmp_path):
     cfg_path.write_text(json.dumps({"decoder_block_out_channels": widths, "_class_name": "TurboVAED"}))
     good = tmp_path / "good.ckpt"
     _write_turbo_ckpt(good, sd)
-    model = lw.load_turbo_vaed(cfg_path, good)
+    model = load_weights.load_turbo_vaed(cfg_path, good)
     assert torch.equal(model.decoder.conv_out.conv.weight, sd["decoder.conv_out.conv.weight"])
     broken = dict(sd)
     del broken["decoder.conv_in.conv.bias"]
@@ -1314,15 +1297,15 @@ def test_vae_strict_loading_names_key_and_file(tmp_path):
     broken["decoder.conv_out.conv.weight"] = torch.zeros(3, 3, 3, 3, 3)
     bad = tmp_path / "bad.ckpt"
     _write_turbo_ckpt(bad, broken)
-    with pytest.raises(lw.CheckpointError) as e:
-        lw.load_turbo_vaed(cfg_path, bad)
+    with pytest.raises(load_weights.CheckpointError) as e:
+        load_weights.load_turbo_vaed(cfg_path, bad)
     msg = str(e.value)
     assert str(bad) in msg and "decoder.conv_in.conv.bias" in msg and "decoder.extra.weight" in msg
     assert "decoder.conv_out.conv.weight has shape (3, 3, 3, 3, 3)" in msg
     no_ema = tmp_path / "no_ema.ckpt"
     torch.save({"state_dict": sd}, no_ema)
-    with pytest.raises(lw.CheckpointError, match="ema_state_dict"):
-        lw.load_turbo_vaed(cfg_path, no_ema)
+    with pytest.raises(load_weights.CheckpointError, match="ema_state_dict"):
+        load_weights.load_turbo_vaed(cfg_path, no_ema)
 
 
 class _NotATensor:
@@ -1334,8 +1317,6 @@ class _NotATensor:
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the plain-pickle file, before it is refused
 def test_vae_ckpt_with_pickled_object_is_refused(tmp_path):
-    import load_weights as lw
-    import vae
 
     cfg_path = tmp_path / "turbo.json"
     cfg_path.write_text(json.dumps({"decoder_block_out_channels": [8, 12, 16, 24]}))
@@ -1345,14 +1326,13 @@ def test_vae_ckpt_with_pickled_object_is_refused(tmp_path):
     plain = tmp_path / "plain_pickle.ckpt"
     plain.write_bytes(pickle.dumps({"ema_state_dict": _NotATensor()}))
     for path in (with_obj, plain):
-        with pytest.raises(lw.CheckpointError, match="refused to load") as e:
-            lw.load_turbo_vaed(cfg_path, path)
+        with pytest.raises(load_weights.CheckpointError, match="refused to load") as e:
+            load_weights.load_turbo_vaed(cfg_path, path)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_vae_shape_rules_released_configs():
     """The released VAE shape rules on the meta device (shapes only, released widths)."""
-    import vae
 
     with torch.device("meta"):
         wan, turbo = vae.WanVAE(), vae.TurboVAED()
@@ -1376,7 +1356,6 @@ def test_vae_shape_rules_released_configs():
 
 def test_vae_patchify_order():
     """Wan patchify: pixel (c, 2i+dy, 2j+dx) <-> channel 4c + 2dx + dy; exact inverses."""
-    import vae
 
     assert vae.unpatchify(torch.arange(4.0).view(1, 4, 1, 1, 1))[0, 0, 0].tolist() == [[0, 2], [1, 3]]
     x = torch.randn(1, 3, 2, 4, 6)
@@ -1387,7 +1366,6 @@ def test_vae_patchify_order():
 
 
 def _tiny_wan():
-    import vae
 
     torch.manual_seed(0)
     model = vae.WanVAE(vae.WanVAEConfig(dim=4, dec_dim=4)).eval()
@@ -1413,7 +1391,6 @@ def test_wan_decode_causal_and_full_sequence():
 
 def test_turbo_decode_is_not_causal():
     """The other way round: Turbo's windows and end padding see the future."""
-    import vae
 
     torch.manual_seed(0)
     model = vae.TurboVAED(vae.TurboVAEDConfig.tiny()).eval()
@@ -1425,7 +1402,6 @@ def test_vae_time_sliced_convs_match(monkeypatch):
     """The 1080p memory guards (conv3d cut along time, Turbo norms in slices) change no number: forced
     onto tiny inputs they agree with the one-call path up to float reassociation (~1e-6 after ~40 fp32
     layers; a wrong slice boundary is O(1))."""
-    import vae
 
     wan = _tiny_wan()
     torch.manual_seed(1)
@@ -1441,7 +1417,6 @@ def test_vae_time_sliced_convs_match(monkeypatch):
 def _encode_image_2d(model, image):
     """Written independently: one frame through the encoder as 2-D ops (each 3x3x3
     causal conv = its last temporal tap, time convs unused, AvgDown3D(ft=2) = zeros / 2x2 avg pool)."""
-    import vae
 
     def conv(c, x):
         w = c.weight[:, :, -1]
@@ -1486,9 +1461,7 @@ def test_wan_single_image_encode_equals_2d_recipe():
 
 def test_image_to_tensor_crop_and_resize():
     """The official TI2V crop: 1280x720 -> 448x256 crops (10, 0, 1270, 720) then one LANCZOS resize."""
-    from PIL import Image
 
-    import vae
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8))
@@ -1514,7 +1487,6 @@ def test_oobleck_a2v_long_audio_chunking():
     """The official A2V chunking with a small window: chunks every window/2, zero-padded tail,
     own noise per chunk in order, cross-fade merge (re-done here as the official per-frame loop),
     ceil trim; the short path floors. Same ops on the same values: 1e-6 covers float reassociation."""
-    import vae
 
     torch.manual_seed(0)
     model = vae.OobleckVAE(vae.OobleckConfig.tiny()).eval()
@@ -1552,7 +1524,6 @@ def test_oobleck_a2v_long_audio_chunking():
 
 def test_oobleck_decode_lengths_and_resample():
     """25 latents/s convention: N latents -> 2048 N samples at 51.2 kHz -> 1764 N at 44.1 kHz."""
-    import vae
 
     torch.manual_seed(0)
     model = vae.OobleckVAE(vae.OobleckConfig.tiny(), parts=("decoder",)).eval()
@@ -1573,7 +1544,6 @@ def test_oobleck_decode_lengths_and_resample():
 
 def probe_mp4(path):
     """(video codec, fps, decoded frame count, pix_fmt, audio codec, sample rate, channels, audio seconds)."""
-    import av
     with av.open(str(path)) as c:
         assert len(c.streams.video) == 1 and len(c.streams.audio) == 1
         v, a = c.streams.video[0], c.streams.audio[0]
@@ -1606,8 +1576,6 @@ def test_cli_tiny_random_t2v(tmp_path):
 def test_cli_image_and_audio_variants(tmp_path):
     """TI2V with a PNG and A2V with a WAV the test writes; A2V takes its length from the audio."""
     import wave
-    from PIL import Image
-    import sample
     img = tmp_path / "face.png"
     Image.fromarray((np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)).save(img)
     wav = tmp_path / "speech.wav"
@@ -1625,45 +1593,18 @@ def test_cli_image_and_audio_variants(tmp_path):
     assert len(frames) == 37 and abs(seconds - 37 / 25) < 0.03
 
 
-def _bad_inputs(tmp_path):
-    (tmp_path / "not_image.png").write_text("hello")
-    (tmp_path / "not_audio.wav").write_text("hello")
-    return {
-        "empty prompt": (["--prompt", "  "], "prompt is empty"),
-        "seconds 0": (["--seconds", "0"], "--seconds must be a positive"),
-        "seconds < 0": (["--seconds", "-3"], "--seconds must be a positive"),
-        "size small": (["--size", "16x256"], "too small"),
-        "size garbage": (["--size", "big"], "--size must look like"),
-        "image missing": (["--image", str(tmp_path / "nope.png")], "file not found"),
-        "image bad": (["--image", str(tmp_path / "not_image.png")], "not a readable image"),
-        "audio missing": (["--audio", str(tmp_path / "nope.wav")], "file not found"),
-        "audio bad": (["--audio", str(tmp_path / "not_audio.wav")], "not a readable audio file"),
-        "out dir missing": (["--out", str(tmp_path / "no" / "such" / "dir.mp4")], "does not exist"),
-        "out is a dir": (["--out", str(tmp_path)], "the extension must be"),
-    }
-
-
-def test_cli_bad_input(tmp_path, capsys):
-    """Each bad input: one line on stderr, exit status 2, no output file."""
-    import sample
-    for what, (args, message) in _bad_inputs(tmp_path).items():
-        out = tmp_path / "out.mp4"
-        argv = ["--tiny-random", "--prompt", "hello", "--quiet", "--out", str(out)] + args
-        assert sample.main(argv) == 2, what
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (what, err)
-        assert not out.exists(), what
-    # A weights folder without the files: the message lists them and gives the download command.
+def test_cli_missing_weights_folder(tmp_path, capsys):
+    """A weights folder without the files: one line that lists them and gives the download command
+    (every other bad input: test_sample_bad_input_families)."""
     assert sample.main(["--prompt", "hello", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "o.mp4")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "daVinci-MagiHuman/distill" in err and "Wan2.2" not in err
     assert "TurboV3-Wan22-TinyShallow_7_7.json" in err and "python load_weights.py download" in err
+    assert not (tmp_path / "o.mp4").exists()
 
 
 def test_cli_interrupted_while_writing(tmp_path, capsys, monkeypatch):
     """Ctrl-C in the middle of writing the mp4: exit 2, no output file, no temporary left behind."""
-    import av
-    import sample
     calls = {"n": 0}
     real = av.VideoFrame.from_ndarray
 
@@ -1682,21 +1623,20 @@ def test_cli_interrupted_while_writing(tmp_path, capsys, monkeypatch):
 
 
 def test_download_selection_without_network(tmp_path, monkeypatch, capsys):
-    import load_weights as lw
-    pats = lw.download_patterns(["distill", "1080p_sr"])
+    pats = load_weights.download_patterns(["distill", "1080p_sr"])
     assert pats["GAIR/daVinci-MagiHuman"] == ["distill/*", "1080p_sr/*", "turbo_vae/*"]
     assert pats["Wan-AI/Wan2.2-TI2V-5B"] == ["Wan2.2_VAE.pth"]  # not the 5B video model
     assert pats["stabilityai/stable-audio-open-1.0"] == ["model.safetensors", "model_config.json"]
     assert "model.safetensors.index.json" in pats["google/t5gemma-9b-9b-ul2"]
     assert not any("safetensors" in p and "index" not in p for p in pats["google/t5gemma-9b-9b-ul2"])
     with pytest.raises(ValueError, match="unknown model"):
-        lw.download_patterns(["4k_sr"])
+        load_weights.download_patterns(["4k_sr"])
     index = tmp_path / "index.json"
     index.write_text(json.dumps({"weight_map": {"model.encoder.layers.0.x": "a.safetensors", "model.encoder.norm.weight": "b.safetensors",
                                                 "model.decoder.layers.0.x": "c.safetensors", "lm_head.weight": "c.safetensors"}}))
-    assert lw.encoder_shards(index) == ["a.safetensors", "b.safetensors"]  # decoder-only shard c is skipped
+    assert load_weights.encoder_shards(index) == ["a.safetensors", "b.safetensors"]  # decoder-only shard c is skipped
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
-    assert lw.main(["download", str(tmp_path / "w")]) == 2
+    assert load_weights.main(["download", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert "pip install huggingface_hub" in err and err.count("\n") == 1
 
@@ -1712,7 +1652,6 @@ def test_cli_two_processes_write_the_same_mp4(tmp_path):
     decisions, so the frames are compared by PSNR: rounding gives ~40 dB and up, a real
     sequence-parallel bug (wrong heads, masks or shards) gives noise, well under 20 dB.
     """
-    from safetensors.torch import load_file
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--tiny-random", "--prompt", "a person says hello", "--seconds", "2", "--size", "256x128", "--quiet"]
     one = run_cli(*args, "--out", str(tmp_path / "one.mp4"), "--latents", str(tmp_path / "one.safetensors"), env=env)
@@ -1744,7 +1683,6 @@ def test_bench_tiny_runs_and_prints_the_table():
 
 def _final_latents(tmp_path, flag: str, modes) -> dict:
     """{mode: the final latents} of one tiny-random request run once per value of `flag`."""
-    from safetensors.torch import load_file
     outs = {}
     for mode in modes:
         argv = ["--tiny-random", "--prompt", "hello", "--quiet", "--size", "64x32", "--seconds", "1",
@@ -2052,7 +1990,6 @@ def test_distill_fsdp_two_processes_resume(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
                         str(tmp_path)], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    from safetensors.torch import load_file
     for name in ("full", "lora_gan"):
         a, b = tmp_path / f"{name}_a" / "ckpt-0000004", tmp_path / f"{name}_b" / "ckpt-0000004"
         assert sorted(p.name for p in a.glob("train_state_rank*")) == ["train_state_rank0.safetensors",
@@ -2234,7 +2171,6 @@ def test_distill_toy_students_beat_few_step_teacher(toy_teacher, K):
 
 def test_distill_grid_is_the_sampler_grid():
     """The student's σ grid is exactly the schedule sample.py's distilled sampler steps along."""
-    import distill
     for K, shift in ((8, 5.0), (4, 5.0), (6, 3.0)):
         assert torch.equal(distill.student_sigmas(K, shift), sample.flow_schedule(K, shift)[1])
 
@@ -2243,35 +2179,31 @@ def test_distill_grid_is_the_sampler_grid():
 def test_distill_encodes_prompts_with_the_text_encoder(tmp_path):
     """Without a features cache, distill.py encodes the prompts (and the negative prompt) with the
     T5-Gemma release folder once, exactly as sample.py does, and writes the cache."""
-    import distill
-    import text_encoder as te
-    cfg = te.T5GemmaEncoderConfig.tiny()
+    cfg = text_encoder.T5GemmaEncoderConfig.tiny()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        enc = te.T5GemmaEncoder(cfg).eval()
+        enc = text_encoder.T5GemmaEncoder(cfg).eval()
     folder = tmp_path / "t5"
     folder.mkdir()
-    from safetensors.torch import save_file
     save_file({f"model.encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"encoder": cfg.to_dict()}))
-    te.tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    text_encoder.tiny_tokenizer().save(str(folder / "tokenizer.json"))
     prompts = ["a man says hi", "a woman laughs"]
     path = tmp_path / "feats.safetensors"
     distill.encode_text_features(path, prompts, "cpu", folder)
     bank = distill.read_text_features(path, prompts, cfg.hidden_size)
-    tok = te.GemmaTokenizer(te.tiny_tokenizer())
+    tok = text_encoder.GemmaTokenizer(text_encoder.tiny_tokenizer())
     for p, f in zip(prompts, bank.features):
-        ref, n = te.encode_prompt(enc, tok, p)
+        ref, n = text_encoder.encode_prompt(enc, tok, p)
         assert torch.equal(f.float(), ref[0].half().float()) and f.shape[0] == n  # the cache stores fp16
     # The tiny tokenizer is character-level: the negative prompt is 1720 tokens, cut to 640 rows.
-    assert bank.negative.shape[0] == min(len(tok.encode(te.NEGATIVE_PROMPT)), te.TEXT_MAX_LEN)
+    assert bank.negative.shape[0] == min(len(tok.encode(text_encoder.NEGATIVE_PROMPT)), text_encoder.TEXT_MAX_LEN)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_smoke_tiny_pipeline_compiled_bf16(tmp_path):
     """On a GPU: the tiny pipeline in bf16 with compiled DiT layers writes a valid mp4, and compiled
     == eager on the tiny DiT within bf16 tolerance."""
-    from model import compile_layers
     r = run_cli("--tiny-random", "--prompt", "a person says hello", "--seconds", "1", "--size", "128x64",
                 "--device", "cuda", "--compile", "--out", str(tmp_path / "gpu.mp4"), "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -2332,7 +2264,6 @@ def test_sr_size_reaches_the_sr_pass(monkeypatch, tmp_path):
 def test_prompt_file_trailing_newlines_give_the_same_latents(tmp_path):
     """`"$(<file)"` drops trailing newlines only: a file ending in newlines samples exactly like
     --prompt with the same text, and other trailing characters are kept."""
-    from safetensors.torch import load_file
     (tmp_path / "p.txt").write_bytes(b"a person says hello\n\n")
     (tmp_path / "q.txt").write_bytes(b"a person says hello \r\n")
     assert sample.read_prompt_file(tmp_path / "q.txt") == "a person says hello \r"
@@ -2368,7 +2299,6 @@ def test_audio_clipped_before_aac_and_wav():
 def test_a2v_audio_trimmed_to_seconds_and_m4a_end_trim(tmp_path):
     """A2V uses the first --seconds of the audio (as upstream); an M4A's declared duration is
     honoured (the AAC decoder alone gives whole 1024-sample frames, ~9 ms more here)."""
-    import av
     import wave
     t = np.arange(int(2.5 * 44100)) / 44100
     pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2")
@@ -2417,7 +2347,6 @@ def test_same_seed_same_mp4_bytes(tmp_path):
 def _bad_requests(d: Path) -> dict:
     """Families of bad input: name -> (extra argv, part of the message). Every case must be refused
     before any network is built, with one line, exit 2 and nothing written."""
-    from PIL import Image
     (d / "bad.txt").write_bytes(b"\xff\xfe hello")
     (d / "big.txt").write_bytes(b"x" * (sample.PROMPT_FILE_MAX_BYTES + 1))
     Image.new("RGB", (1, 1)).save(d / "tiny.png")
@@ -2444,12 +2373,14 @@ def _bad_requests(d: Path) -> dict:
         "seed negative": (["--seed", "-1"], "--seed must be between"),
         "seed not a number": (["--seed", "x"], "invalid int value"),
         "seconds 0": (["--seconds", "0"], "--seconds must be a positive"),
+        "seconds negative": (["--seconds", "-3"], "--seconds must be a positive"),
         "seconds fractional": (["--seconds", "2.5"], "invalid int value"),
         "seconds 1e9": (["--seconds", "1000000000"], "lower --seconds, --size or --sr"),
         "steps 0": (["--steps", "0"], "--steps must be between"),
         "steps 10**6": (["--steps", "1000000"], "--steps must be between"),
         "size garbage": (["--size", "448x"], "--size must look like"),
         "size tiny": (["--size", "0x0"], "too small"),
+        "size too narrow": (["--size", "16x256"], "too small"),
         "size huge": (["--size", "100000x100000"], "lower --seconds, --size or --sr"),
         "sr size without sr": (["--sr-size", "896x512"], "needs --sr"),
         "sr size below base": (["--sr", "540p", "--sr-size", "32x32"], "smaller than the base size"),
@@ -2469,6 +2400,7 @@ def _bad_requests(d: Path) -> dict:
         "image 16-bit": (["--image", str(d / "deep.png")], "save it as 8-bit RGB"),
         "image float": (["--image", str(d / "float.tif")], "save it as 8-bit RGB"),
         "image is a folder": (["--image", str(d / "sub")], "not a regular file"),
+        "audio missing": (["--audio", str(d / "nope.wav")], "file not found"),
         "audio not audio": (["--audio", str(d / "bad.txt")], "not a readable audio file"),
         "audio is a folder": (["--audio", str(d / "sub")], "not a regular file"),
         # output paths
@@ -2502,7 +2434,6 @@ def test_sample_bad_input_families(tmp_path, capsys, monkeypatch):
     """Every bad request: exit 2, exactly one line on stderr, no traceback, no file written or
     replaced, no temporary left. Memory is judged against a fixed 8 GB here, so the verdicts do not
     depend on the test machine."""
-    from PIL import Image
     monkeypatch.setattr(load_weights, "available_memory", lambda device: 8 * 10**9)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2500)
     d = tmp_path / "d"
@@ -2531,7 +2462,6 @@ def _argv_64x32(tmp_path, *extra):
 def test_sample_all_outputs_or_none(tmp_path, capsys, monkeypatch):
     """--wav and --latents with the mp4: a failure while writing the last one (Ctrl-C, a full disk)
     leaves none of them, and an mp4 that existed before keeps its old bytes."""
-    import errno
     (tmp_path / "o.mp4").write_bytes(b"old")
     argv = _argv_64x32(tmp_path, "--out", str(tmp_path / "o.mp4"), "--wav", "--latents", str(tmp_path / "o.st"))
     for exc, message in ((KeyboardInterrupt, "interrupted: no output written"),
@@ -2555,7 +2485,6 @@ def test_sample_all_outputs_or_none(tmp_path, capsys, monkeypatch):
 def test_sample_output_containers(tmp_path):
     """--out honours its extension: .mov and .mkv get those containers (H.264 + AAC), never MP4
     data under another name."""
-    import av
     for ext, fmt in ((".mov", "mov"), (".mkv", "matroska")):
         out = tmp_path / f"o{ext}"
         assert sample.main(_argv_64x32(tmp_path, "--out", str(out))) == 0
@@ -2569,8 +2498,6 @@ def test_sample_output_containers(tmp_path):
 def test_sample_sigterm_while_writing_leaves_nothing(tmp_path):
     """A real process killed with SIGTERM in the middle of writing the mp4: exit 2, one line,
     and the temporary file that existed at that moment is gone."""
-    import signal
-    import time
     marker = tmp_path / "writing"
     script = (
         "import sys, time, pathlib, av, sample\n"
@@ -2603,7 +2530,6 @@ def test_sample_sigterm_while_writing_leaves_nothing(tmp_path):
 def test_other_entry_points_bad_input(tmp_path, capsys, monkeypatch):
     """distill.py, load_weights.py and bench.py keep the same promise: exit 2, one line, nothing
     written, whatever the user typed."""
-    import bench
     (tmp_path / "afile").write_text("x")
     (tmp_path / "p.txt").write_bytes(b"\xff\xfe")
     (tmp_path / "teacher").mkdir()
@@ -2705,7 +2631,6 @@ QUANT_BOUND = {"int8": 3e-2, "fp8": 1e-1}
 def test_quantize_weight_error_per_element(mode):
     """Independent check of the rounding: int8 within half a step s/2 of every weight, fp8 within
     e4m3's half-ulp (2^-4 relative; 2^-10 absolute in scaled units below its normal range)."""
-    import quant
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 70, generator=g) * torch.logspace(-3, 1, 300)[:, None]  # rows of very different size
     w[5] = 0  # an all-zero row stays zero
@@ -2727,7 +2652,6 @@ def test_quantize_weight_error_per_element(mode):
 def test_quant_linear_matches_dequantized_weights_per_expert(mode):
     """QuantLinear (3 experts, each modality its own rows and scales) against F.linear with the
     dequantized weight, float32: the same numbers up to float32 rounding."""
-    import quant
     cfg = tiny_dit_config(post_norm_layers=[], local_attn_layers=[])
     dit = random_dit(cfg)
     ref_w = {n: m.weight.detach().clone() for n, m in dit.named_modules() if isinstance(m, model.ExpertLinear)}
@@ -2765,7 +2689,6 @@ def test_quant_dit_golden_within_bound(tmp_path, case, mode):
     """The golden DiT with 8-bit block linears, quantized as read from an fp32 file (the distill/SR
     release dtype) and from the in-memory state dict: within QUANT_BOUND of the official bf16 output,
     and really quantized (farther from it than our unquantized bf16 run)."""
-    from safetensors.torch import save_file
     path = GOLDEN_DIR / f"{case}.json"
     if not path.is_file():
         pytest.skip(f"golden case {case} not present")
@@ -2809,8 +2732,6 @@ def test_quantize_save_load_round_trip(tmp_path):
     """`load_weights.py quantize` (the CLI) -> a sharded 8-bit folder -> load_dit: the same tensors
     as quantizing while loading the original; half the bytes of bf16 for the block linears; a float
     model dequantizes it; a different mode or an existing DST is refused with one line."""
-    import quant
-    from safetensors.torch import save_file
     cfg, sd, t = golden_dit_case()
     src = tmp_path / "src"
     src.mkdir()
@@ -2846,7 +2767,6 @@ def test_quantize_save_load_round_trip(tmp_path):
 def test_quantize_text_encoder_folder_round_trip(tmp_path):
     """A T5-Gemma folder quantizes to an encoder-only 8-bit folder with its config and tokenizer,
     which load_text_encoder reads (same tensors as quantize-on-load)."""
-    from text_encoder import tiny_tokenizer
     path = GOLDEN_DIR / "t5gemma_tiny.json"
     if not path.is_file():
         pytest.skip("golden case t5gemma_tiny not present")
@@ -2896,7 +2816,6 @@ def test_quantized_load_never_holds_a_bf16_model(tmp_path):
     (~70M parameters) from an fp32 file (as distill/SR are released): with --quant int8 the peak stays
     near the int8 model itself; a bf16 copy of the model at any point would add ~140 MB. The
     unquantized bf16 load of the same file is measured alongside for scale."""
-    from safetensors.torch import save_file
     kw = dict(num_layers=6, hidden_size=1024, head_dim=128, num_query_groups=2, text_in_channels=64,
               mm_layers=[], gelu7_layers=[0])
     cfg = DiTConfig(**kw)
@@ -2928,8 +2847,6 @@ def test_quantized_load_never_holds_a_bf16_model(tmp_path):
 
 def test_layer_streaming_quantized_equals_resident():
     """--offload layers with --quant: the 8-bit weights and their scales stream like float weights."""
-    import quant
-    from model import LayerStreamer
     cfg = tiny_dit_config()
     dit = quant.quantize_modules(random_dit(cfg), "int8")
     video, audio, text = dit_inputs(cfg)
@@ -2979,7 +2896,6 @@ def test_compile_readiness_whole_loops():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    import quant
     g = torch.Generator().manual_seed(0)
 
     def text(n):
@@ -3055,8 +2971,6 @@ def test_quant_sampling_goldens_final_latents(mode):
 
 # ---- issue 14: the toy world, train.py, sample.py --toy, distill.py --toy ----
 
-import toy  # noqa: E402
-import train  # noqa: E402
 
 
 def test_toy_codec_round_trips_exactly():
@@ -3123,11 +3037,15 @@ def _files_equal(a: Path, b: Path) -> None:
 
 
 def test_train_toy_runs_and_resumes_exactly(tmp_path):
-    """4 steps in one go == 2 steps, stop, resume, 2 more: weights, EMA, optimiser moments and RNG."""
-    kw = dict(toy=True, seconds=1.0, batch_size=2, warmup=2, ema_start=1, save_every=2, log_every=1, progress=False)
+    """4 steps in one go == 2 steps, stop, resume, 2 more: weights, EMA, optimiser moments and RNG
+    (with 1 s clips and, half the time, 2 s ones: the clip length is drawn from the training RNG too)."""
+    kw = dict(toy=True, seconds=1.0, long_seconds=2.0, long_fraction=0.5, batch_size=2, warmup=2, ema_start=1,
+              save_every=2, log_every=1, progress=False)
     train.main(out=tmp_path / "a", steps=4, **kw)
     train.main(out=tmp_path / "b", steps=2, **kw)
     train.main(out=tmp_path / "b", steps=4, resume=True, **kw)
+    with pytest.raises(ValueError, match="already holds a run"):  # without --resume: refuse, overwrite nothing
+        train.main(out=tmp_path / "b", steps=6, **kw)
     a, b = tmp_path / "a" / "ckpt-0000004", tmp_path / "b" / "ckpt-0000004"
     for name in ("model.safetensors", "raw/model.safetensors", "train_state_rank0.safetensors"):
         _files_equal(a / name, b / name)
@@ -3141,8 +3059,65 @@ def test_train_toy_runs_and_resumes_exactly(tmp_path):
     load_weights.load_dit(a, cfg, torch.float32)
 
 
+def test_train_toy_dit_overrides(tmp_path):
+    """--toy-dit (the README exercises) changes the toy DiT of a new run, is recorded in its toy.json,
+    and bad JSON, an unknown field, or an override on a resumed run is one clear ValueError."""
+    kw = dict(toy=True, seconds=1.0, long_fraction=0.0, batch_size=1, warmup=1, save_every=1, progress=False)
+    train.main(out=tmp_path / "a", steps=1, toy_dit='{"mm_layers": [], "enable_attn_gating": false}', **kw)
+    cfg, _, _ = toy.read_toy_json(tmp_path / "a" / "ckpt-0000001")
+    assert cfg.mm_layers == [] and cfg.enable_attn_gating is False and cfg.hidden_size == toy.toy_dit_config().hidden_size
+    with pytest.raises(ValueError, match="applies to new runs only"):
+        train.main(out=tmp_path / "a", steps=2, resume=True, toy_dit='{"mm_layers": []}', **kw)
+    for bad, match in (("{mm_layers: []}", "not JSON"), ('{"sandwich": 0}', "sandwich"), ("[1]", "JSON object")):
+        with pytest.raises(ValueError, match=match):
+            train.parse_toy_dit(bad)
+
+
+def test_train_sigmas_lr_schedule_and_fresh_weights():
+    """The three recipe choices of train.py, each against an independent computation: stratified σ
+    (one u per stratum [i/B, (i+1)/B), still U(0, 1) overall, then the shift map), the warm-up +
+    cosine learning rate, and the zero-initialised residual outputs and heads (the fresh network's
+    velocity is exactly zero and each layer is the identity)."""
+    cfg = train.TrainConfig(batch_size=4, sigma_shift=5.0)
+    g = torch.Generator().manual_seed(0)
+    us = []
+    for _ in range(2000):
+        sigma = train.training_sigmas(4, cfg, g).double()
+        u = sigma / (5 - 4 * sigma)  # the inverse of shift(u) = 5u / (1 + 4u)
+        assert sorted((u * 4).floor().long().tolist()) == [0, 1, 2, 3]
+        us.append(u)
+    u = torch.cat(us).numpy()
+    assert kstest(u, "uniform").pvalue > 1e-3  # 8000 draws: a skew of 2% would fail
+
+    t = train.Trainer.__new__(train.Trainer)
+    t.cfg = train.TrainConfig(lr=2e-3, warmup=100, lr_decay_steps=1000)
+    assert math.isclose(t.lr_at(0), 2e-3 / 100 * 0.5 * (1 + math.cos(0)))
+    assert math.isclose(t.lr_at(499), 2e-3 * 0.5 * (1 + math.cos(math.pi * 0.499)))
+    assert t.lr_at(1000) == 0.0 and t.lr_at(5000) == 0.0
+    t.cfg = train.TrainConfig(lr=1e-3, warmup=10, lr_decay_steps=0)
+    assert t.lr_at(4) == 1e-3 * 0.5 and t.lr_at(50) == 1e-3
+
+    dcfg = toy.toy_dit_config()
+    sd = train.fresh_weights(dcfg, train.TrainConfig())
+    zeroed = {k for k, v in sd.items() if v.dim() >= 2 and not v.any()}
+    expect = {k for k in sd if k.endswith(("linear_proj.weight", "down_proj.weight")) or k.startswith("final_linear_")}
+    assert zeroed == expect and len(expect) == 2 * dcfg.num_layers + 2
+    net = load_weights.dit_from_state_dict(sd, dcfg, "fresh", torch.float32)
+    inputs = dit_inputs(dcfg, B=1)
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append(torch.equal(args[0], out)))
+             for layer in net.block.layers]
+    with torch.no_grad():
+        v_video, v_audio = net(*inputs, [7])
+    for h in hooks:
+        h.remove()
+    assert seen == [True] * dcfg.num_layers and not v_video.any() and not v_audio.any()
+    plain = train.fresh_weights(dcfg, train.TrainConfig(zero_init=False))
+    assert all(plain[k].any() for k in expect)
+
+
 def test_distill_toy_runs_and_resumes_exactly(tmp_path):
-    kw = dict(toy=True, seconds=1.0, batch_size=1, warmup=1, save_every=1, progress=False)
+    kw = dict(toy=True, seconds=1.0, long_fraction=0.0, batch_size=1, warmup=1, save_every=1, progress=False)
     train.main(out=tmp_path / "base", steps=1, **kw)
     teacher = tmp_path / "base" / "ckpt-0000001"
     dk = dict(toy=True, teacher=teacher, seconds=1.0, critic_ratio=2, grad_checkpointing=False,
@@ -3150,6 +3125,8 @@ def test_distill_toy_runs_and_resumes_exactly(tmp_path):
     distill.main(out=tmp_path / "a", iters=3, **dk)
     distill.main(out=tmp_path / "b", iters=2, **dk)
     distill.main(out=tmp_path / "b", iters=3, resume=True, **dk)
+    with pytest.raises(ValueError, match="already holds a run"):
+        distill.main(out=tmp_path / "b", iters=4, **dk)
     a, b = tmp_path / "a" / "ckpt-0000003", tmp_path / "b" / "ckpt-0000003"
     for name in ("student_ema/model.safetensors", "critic/model.safetensors", "train_state_rank0.safetensors"):
         _files_equal(a / name, b / name)
@@ -3162,7 +3139,6 @@ def test_train_on_a_latent_file_and_init_from(tmp_path):
     --init-from starts a new run from that checkpoint (the loaded weights are the saved EMA)."""
     cfg = model.dit_config("tiny")
     g = torch.Generator().manual_seed(0)
-    from safetensors.torch import save_file
     save_file({"video": torch.randn(3, 48, 2, 4, 4, generator=g), "audio": torch.randn(3, 5, 64, generator=g),
                "text": torch.randn(3, 6, cfg.text_in_channels, generator=g), "text_len": torch.tensor([6, 4, 2]),
                "negative": torch.randn(3, cfg.text_in_channels, generator=g)}, str(tmp_path / "lat.safetensors"))
@@ -3187,20 +3163,23 @@ def test_sample_toy_refuses_unknown_words(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["base", "distill"])
-def test_toy_checkpoints_colour_and_pitch(tmp_path, which):
-    """The committed toy checkpoints, sampled end to end by `sample.py --toy` (8 prompts, one seed
-    each, 2 s) and measured on the written mp4s, have the prompted colour and pitch in >= 90% of
-    the clips (toy.THRESHOLDS). The motion/sync thresholds are NOT reached by these checkpoints yet
-    (README "Train it yourself"), so they are reported here, not asserted."""
+def test_toy_checkpoints_learned_the_world(tmp_path, which):
+    """The committed toy checkpoints, sampled end to end by `sample.py --toy` (8 prompts x seeds 1
+    and 2, 2 s) and measured on the written mp4s by toy.py's checker, meet every threshold of
+    "learned": colour and pitch right in >= 90% of the clips, >= 75% of the beep onsets within +-2
+    frames of a floor contact, beep count = contact count +-1 in >= 75% of the clips (toy.THRESHOLDS).
+    The same checker fails the untrained network and clips whose sound is another clip's
+    (test_toy_checker_on_true_and_wrong_clips), so passing here needs a model that learned."""
     results = []
-    for i, prompt in enumerate(toy.ALL_PROMPTS):
+    for i in range(16):
+        prompt, seed = toy.ALL_PROMPTS[i % 8], i // 8 + 1
         out = tmp_path / f"{i}.mp4"
-        assert sample.main(["--toy", "--model", which, "--prompt", prompt, "--seed", str(i + 1), "--seconds", "2",
+        assert sample.main(["--toy", "--model", which, "--prompt", prompt, "--seed", str(seed), "--seconds", "2",
                             "--out", str(out), "--quiet"]) == 0
         results.append((prompt, toy.measure_mp4(out, 2.0)))
     s = toy.score(results)
     print(f"{which}: {toy.describe(s)}")
-    assert s["colour"] >= toy.THRESHOLDS["colour"] and s["pitch"] >= toy.THRESHOLDS["pitch"], toy.describe(s)
+    assert toy.passes(s), toy.describe(s)
 
 
 # ---- issue 15: fine-tuning and LoRA ----
@@ -3221,9 +3200,7 @@ def prepared_clips(tmp_path_factory):
     """Five clips through `train.py prepare` (tiny random encoders, 64x32, 1 s = 26 frames): two good
     (25 and 30 fps, the second shorter than a second), one without audio, one broken, one good one
     captioned through captions.jsonl."""
-    import warnings
 
-    import train
 
     root = tmp_path_factory.mktemp("clips")
     clips, cache = root / "clips", root / "cache"
@@ -3246,11 +3223,7 @@ def prepared_clips(tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore:prompt is .* tokens")
 def test_prepare_writes_the_encoders_latents_skips_done_and_reports_broken(prepared_clips, capsys):
-    import av
 
-    import text_encoder as te
-    import train
-    import vae
 
     clips, cache, summary = prepared_clips
     assert sorted(summary["done"]) == ["a", "b", "e.webm"] and summary["skipped"] == []
@@ -3275,14 +3248,14 @@ def test_prepare_writes_the_encoders_latents_skips_done_and_reports_broken(prepa
         want = {
             "video": wan.encode(pixels)[0],  # [48, 7, 2, 4]
             "audio": audio_vae.encode_a2v(mono, noise=sample.Noise(train.clip_audio_seed(name, 0)))[0],  # [26, 64]
-            "text": te.encode_prompt(encoder, tokenizer, caption)[0][0],  # [n, 48]
+            "text": text_encoder.encode_prompt(encoder, tokenizer, caption)[0][0],  # [n, 48]
         }
         got = load_weights.read_safetensors(cache / f"{name}.safetensors")
         assert got.keys() == want.keys()
         for k in want:
             assert got[k].shape == want[k].shape and torch.equal(got[k], want[k]), (name, k)
     neg = load_weights.read_safetensors(cache / "negative.safetensors")["negative"]
-    assert torch.equal(neg, te.encode_prompt(encoder, tokenizer, te.NEGATIVE_PROMPT)[0][0])
+    assert torch.equal(neg, text_encoder.encode_prompt(encoder, tokenizer, text_encoder.NEGATIVE_PROMPT)[0][0])
 
     # A second run skips the done clips (files untouched) and reports the broken ones again: exit 1.
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
@@ -3297,7 +3270,6 @@ def test_prepare_writes_the_encoders_latents_skips_done_and_reports_broken(prepa
 
 def fixed_eval_loss(net, source, seed=123) -> float:
     """The flow-matching loss of every cached clip at fixed σ and ε (no sampling noise in the comparison)."""
-    import train
 
     g = torch.Generator().manual_seed(seed)
     (video, audio), text = source.data.batch(torch.arange(len(source.data.video)))
@@ -3308,9 +3280,7 @@ def fixed_eval_loss(net, source, seed=123) -> float:
 
 
 def test_lora_training_loss_falls_and_resume_is_bit_for_bit(prepared_clips, tmp_path):
-    from safetensors.torch import save_file
 
-    import train
 
     # Loss: a cached set of unit-scale latents (the tiny random audio VAE's latents are ~80 in scale,
     # too far from the tiny DiT's outputs for a few LoRA steps to show); σ and ε fixed for the comparison.
@@ -3329,7 +3299,6 @@ def test_lora_training_loss_falls_and_resume_is_bit_for_bit(prepared_clips, tmp_
     before, after = fixed_eval_loss(base_net, source), fixed_eval_loss(t.net, source)
     print(f"fixed-noise loss on the cached clips: base {before:.3f} -> LoRA after 15 steps {after:.3f}")
     assert after < 0.8 * before  # measured 6.10 -> 3.95
-    import av
 
     with av.open(str(tmp_path / "fall" / "samples" / "step-0000015.mp4")) as c:  # the --sample-every preview
         assert [s.type for s in c.streams] == ["video", "audio"] and c.streams.video[0].frames == 5
@@ -3388,7 +3357,6 @@ def test_lora_zero_is_the_base_and_merged_equals_unmerged(tmp_path):
 
 
 def test_lora_file_round_trip_and_a_mismatched_lora_is_refused(tmp_path, capsys):
-    from safetensors.torch import save_file
 
     dit = lora_test_dit()
     lora = random_lora(dit)
@@ -3434,7 +3402,6 @@ def test_lora_file_round_trip_and_a_mismatched_lora_is_refused(tmp_path, capsys)
 def test_yuv420p_planes_equal_the_ffmpeg_cli(tmp_path):
     """sample.to_yuv420p gives the ffmpeg CLI's planes to the bit (its default RGB -> yuv420p scaler is
     swscale's bicubic); PyAV's default (bilinear) differs, which shows the comparison can fail."""
-    import av
 
     rng = np.random.default_rng(0)
     H, W = 64, 96  # smooth random texture: chroma subsampling filters differ visibly on it

@@ -262,7 +262,7 @@ def toy_dit_config(**overrides):
     """The toy DiT: the released architecture (sandwich experts, gating, GQA, RoPE), shrunk."""
     from model import DiTConfig
 
-    base = dict(num_layers=4, hidden_size=128, head_dim=32, num_query_groups=2, text_in_channels=64,
+    base = dict(num_layers=4, hidden_size=256, head_dim=64, num_query_groups=2, text_in_channels=64,
                 mm_layers=[0, 3], gelu7_layers=[0])
     base.update(overrides)
     return DiTConfig(**base)

@@ -15,10 +15,12 @@ The objective (the convention of sample.py's samplers):
 - x_σ = (1 − σ)·x0 + σ·ε, target v = ε − x0, loss = mean (v̂ − v)² per modality (video and audio
   each their own mean, summed with weights 1).
 - One σ per sample, shared by video and audio (they are denoised together at one σ when sampling).
-- σ = shift(u), u ~ logit-normal(0, 1) (SD3's "lognorm"), shift(u) = s·u / (1 + (s − 1)·u) with
-  s = --sigma-shift (default 3): the samplers use s = 5 on a uniform grid and so spend most of
-  their steps at high σ; s = 3 with logit-normal puts the median σ at 0.75 and still trains
-  every σ in (0, 1).
+- σ = shift(u), shift(u) = s·u / (1 + (s − 1)·u) with s = --sigma-shift (default 3), and u ~ U(0, 1)
+  (--sigma-dist uniform, the default) or u ~ logit-normal(m, s²) (SD3's "lognorm"). Why uniform: in
+  the toy world the ball is a strong signal (up to 7 in normalised units), so where it is gets
+  decided at σ > 0.9, while removing the last noise needs σ < 0.2; logit-normal trains both tails
+  rarely (with shift 3: 0.7% of samples below σ = 0.2), uniform with shift 3 gives 25% above 0.9
+  and 8% below 0.2. The samplers use s = 5 on a uniform grid.
 - Text dropped to the negative prompt for --text-dropout of the samples (default 10%), so that
   classifier-free guidance (cond vs. negative prompt, as sample.py's base pass) has an uncond model.
 - AdamW, linear warm-up, gradient clipping, an EMA of the weights (what gets sampled), fp32 master
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import tempfile
 import time
@@ -58,7 +61,7 @@ import sample
 import text_encoder as te
 import toy
 import vae
-from model import DiT, DiTConfig, dit_config, random_dit
+from model import DiT, DiTConfig, compile_layers, dit_config, random_dit
 
 # ==================================================================================================
 # Configuration
@@ -70,22 +73,26 @@ class TrainConfig:
     """Every knob of a run (defaults: the toy run of README "Train it yourself")."""
 
     batch_size: int = 4  # per process
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 100  # steps of linear learning-rate warm-up
+    lr_decay_steps: int = 6000  # > 0: cosine decay from lr to 0 at this step; 0: constant after the warm-up
     betas: tuple = (0.9, 0.99)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.995
     ema_start: int = 200  # the EMA follows the weights exactly before this step
     text_dropout: float = 0.1  # fraction of samples trained with the negative prompt (for CFG)
-    sigma_shift: float = 3.0
+    sigma_dist: str = "uniform"  # u ~ U(0, 1) ("uniform") or sigmoid(N(logit_mean, logit_std²)) ("logit-normal")
+    sigma_shift: float = 5.0
+    sigma_stratified: bool = True  # the B values of u in a batch: one per stratum [i/B, (i+1)/B)
     logit_mean: float = 0.0
     logit_std: float = 1.0
     video_weight: float = 1.0
     audio_weight: float = 1.0
-    bf16: bool = False  # bf16 autocast around the fp32 network (CPU and CUDA)
+    bf16: bool = True  # bf16 autocast around the fp32 network (CPU and CUDA; fp32 master weights and loss)
     grad_checkpointing: bool = False
     seed: int = 0
+    zero_init: bool = True  # a run from scratch starts with zero residual-branch outputs and heads
     # LoRA fine-tuning (rank 0 = full fine-tuning): adapters on the block linears named in lora_targets
     lora_rank: int = 0
     lora_alpha: float = 0.0  # 0 means alpha = rank (scale 1)
@@ -94,6 +101,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if self.sigma_dist not in ("uniform", "logit-normal"):
+            raise ValueError(f"sigma_dist must be 'uniform' or 'logit-normal', got {self.sigma_dist!r}")
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.ema_decay < 1 or not 0 <= self.text_dropout <= 1:
             raise ValueError("need batch_size >= 1, lr > 0, 0 <= ema_decay < 1, 0 <= text_dropout <= 1")
 
@@ -104,8 +113,19 @@ class TrainConfig:
 
 
 def training_sigmas(n: int, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """σ [n]: u = sigmoid(N(m, s²)), then the sampler's shift map (see the module docstring)."""
-    u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator, dtype=torch.float64))
+    """σ [n]: u ~ U(0, 1) or sigmoid(N(m, s²)), then the sampler's shift map (see the module docstring).
+
+    Stratified (the default): the n uniforms are one per stratum [i/n, (i+1)/n) in random order,
+    so a small batch always spans low, middle and high noise instead of, now and then, only one;
+    each u is still U(0, 1), so the objective is unchanged and only its gradient noise drops."""
+    r = torch.rand(n, generator=generator, dtype=torch.float64)
+    if cfg.sigma_stratified:
+        r = (torch.randperm(n, generator=generator).double() + r) / n
+    if cfg.sigma_dist == "uniform":
+        u = r
+    else:  # the logit-normal's quantile function applied to the (stratified) uniforms
+        normal = torch.distributions.Normal(0.0, 1.0).icdf(r.clamp(1e-12, 1 - 1e-12))
+        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * normal)
     return distill.shift_sigma(u, cfg.sigma_shift).float()
 
 
@@ -118,22 +138,46 @@ def flow_matching_loss(net, x0: tuple, text: distill.Text, sigma: torch.Tensor, 
     return total, losses
 
 
+def fresh_weights(dit_cfg: DiTConfig, cfg: TrainConfig) -> dict:
+    """The state dict a run from scratch starts from: model.random_dit's N(0, 1/fan_in) linears and,
+    with `zero_init`, zeros in the last linear of every residual branch (attention `linear_proj`,
+    MLP `down_proj`) and in the two heads. Every layer then starts as the identity and the network
+    as the zero velocity, so the first steps grow the branches instead of undoing random ones (the
+    idea of DiT's adaLN-Zero; measured on the toy: see README "Train it yourself")."""
+    sd = random_dit(dit_cfg, seed=cfg.seed).state_dict()
+    if cfg.zero_init:
+        for k, v in sd.items():
+            if k.endswith(("linear_proj.weight", "down_proj.weight")) or k.startswith("final_linear_"):
+                v.zero_()
+    return sd
+
+
 # ==================================================================================================
 # Data sources
 # ==================================================================================================
 
 
 class ToyData:
-    """Clips of the toy world rendered on the fly: a clip's seed is drawn from the training RNG."""
+    """Clips of the toy world rendered on the fly: a clip's seed is drawn from the training RNG.
 
-    def __init__(self, seconds: float, norm, words):
-        self.toy, self.seconds = toy, seconds
+    With `long_fraction` > 0, each batch is, with that probability, of `long_seconds` clips instead
+    of `seconds` ones: short clips make cheap steps (a 1 s clip is 482 tokens, a 2 s one 891) and
+    teach everything local (the disc, the bounce, the beep, their sync); the long batches teach
+    the time distances a 2 s sample spans, which RoPE would otherwise meet only at sampling time."""
+
+    def __init__(self, seconds: float, norm, words, long_seconds: float | None = None, long_fraction: float = 0.0):
+        if long_fraction and not long_seconds:
+            raise ValueError("long_fraction > 0 needs long_seconds")
+        self.seconds, self.long_seconds, self.long_fraction = seconds, long_seconds, long_fraction
         self.codec, self.words = toy.Codec(norm), words
         self.negative = words.null()  # [1, C]
 
     def batch(self, B: int, generator: torch.Generator):
+        seconds = self.seconds
+        if self.long_fraction > 0 and torch.rand((), generator=generator).item() < self.long_fraction:
+            seconds = self.long_seconds
         seeds = torch.randint(2**31 - 1, (B,), generator=generator).tolist()
-        clips = [self.toy.make_clip(s, self.seconds) for s in seeds]
+        clips = [toy.make_clip(s, seconds) for s in seeds]
         frames = torch.stack([torch.from_numpy(f) for _, f, _ in clips]).numpy()
         audio = torch.stack([torch.from_numpy(a) for _, _, a in clips]).numpy()
         video, audio = self.codec.encode(frames, audio)  # [B, 48, T, 16, 16], [B, N, 64]
@@ -179,7 +223,12 @@ class Trainer:
         self.step = 0
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
+        """Linear warm-up, then constant or (lr_decay_steps > 0) a cosine down to 0 at lr_decay_steps."""
+        cfg = self.cfg
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        if cfg.lr_decay_steps > 0:
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.lr_decay_steps)))
+        return lr
 
     def amp(self):
         on = self.cfg.bf16
@@ -268,16 +317,6 @@ class Trainer:
                         raise load_weights.CheckpointError(f"{path}: missing key ema.{k}")
                     distill.local(v).copy_(t[f"ema.{k}"])
         self.step = info["step"]
-
-
-def latest_checkpoint(out) -> Path | None:
-    pointer = Path(out) / "latest"
-    if not pointer.is_file():
-        return None
-    folder = Path(out) / pointer.read_text().strip()
-    if not (folder / "state.json").is_file():
-        raise load_weights.CheckpointError(f"{folder}: incomplete checkpoint (no state.json)")
-    return folder
 
 
 # ==================================================================================================
@@ -577,38 +616,42 @@ def sample_preview(net, source: CachedLatents, path, steps: int, decoders, rank:
 # ==================================================================================================
 
 
-def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, seconds=2.0, init_from=None,
+def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=6000, seconds=1.0, init_from=None, toy_dit=None,
          resume=False, save_every=250, log_every=10, device=None, threads=None, progress=True, sample_every=0,
-         sample_steps=16, weights=None, **overrides):
+         sample_steps=16, weights=None, compile=False, long_seconds=2.0, long_fraction=0.2, **overrides):
     """Train and write checkpoints to `out`; returns the Trainer. `overrides` are TrainConfig fields."""
     if threads:
         torch.set_num_threads(int(threads))
     rank, world, mesh, device = distill.init_distributed(device)
     cfg = TrainConfig(**overrides)
     extra = {}
+    ckpt = distill.latest_checkpoint(out, resume)
     if toy:
         import toy as toy_lib  # the parameter `toy` shadows the module here
 
-        if init_from is not None and (Path(init_from) / toy_lib.TOY_JSON).is_file():
-            dit_cfg, norm, words = toy_lib.read_toy_json(init_from)
+        known = next((f for f in (ckpt, init_from) if f is not None and (Path(f) / toy_lib.TOY_JSON).is_file()), None)
+        if known is not None:  # a resumed run (or --init-from) keeps its DiT shape and constants
+            if toy_dit:
+                raise ValueError(f"--toy-dit applies to new runs only; {known} has its own {toy_lib.TOY_JSON}")
+            dit_cfg, norm, words = toy_lib.read_toy_json(known)
         else:
-            dit_cfg = toy_lib.toy_dit_config()
+            dit_cfg = toy_lib.toy_dit_config(**parse_toy_dit(toy_dit))
             norm = toy_lib.measure_normalisation()  # seeds 0..255: the same constants on every run
             words = toy_lib.WordTable(dit_cfg.text_in_channels)
-        source = ToyData(seconds, norm, words)
-        extra[toy_lib.TOY_JSON] = lambda folder: toy_lib.write_toy_json(folder, dit_cfg, norm, {"seconds": seconds})
+        source = ToyData(seconds, norm, words, long_seconds, long_fraction)
+        clips = {"seconds": seconds, "long_seconds": long_seconds, "long_fraction": long_fraction}
+        extra[toy_lib.TOY_JSON] = lambda folder: toy_lib.write_toy_json(folder, dit_cfg, norm, clips)
     else:
         if data is None:
             raise ValueError("give --toy or --data FILE (pre-encoded latents, see LatentFile)")
         dit_cfg = dit_config(preset)
         source = (CachedLatents if Path(data).is_dir() else LatentFile)(data, dit_cfg.text_in_channels)
-    ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         init = ckpt / "raw"  # the live weights; the EMA comes with the training state
     elif init_from is not None:
         init = init_from  # any layout load_weights reads; full fine-tuning
     else:
-        init = random_dit(dit_cfg, seed=cfg.seed).state_dict()
+        init = fresh_weights(dit_cfg, cfg)
     if cfg.lora_rank > 0:  # frozen base + adapters; checkpoints also hold lora.safetensors (EMA, sample.py --lora)
         net = lora_network(cfg, dit_cfg, init_from, ckpt, device, mesh)
         extra["lora.safetensors"] = lambda folder: load_weights.save_lora(
@@ -617,6 +660,13 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
             json.dumps({"init_from": None if init_from is None else str(init_from)}))
     else:
         net = distill.load_network(init, dit_cfg, torch.float32, device, mesh, cfg.grad_checkpointing)
+    if compile:
+        if torch.device(device).type == "cpu":
+            sample.check_cpu_compiler()
+        # One compiled graph per layer structure (sandwich / shared, GELU7 / SwiGLU7), text padding
+        # (masked or not) and clip shape: more than dynamo's default of 8 per function.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        compile_layers(net)
     trainer = Trainer(cfg, net, source, device=device, rank=rank, mesh=mesh)
     if ckpt is not None:
         trainer.resume(ckpt)
@@ -656,6 +706,22 @@ def main(toy=False, data=None, preset="tiny", out="runs/toy", steps=3000, second
     return trainer
 
 
+def parse_toy_dit(text: str | None) -> dict:
+    """--toy-dit '{"mm_layers": [], "enable_attn_gating": false}' -> DiTConfig overrides of the toy DiT
+    (the exercises of README "Train it yourself"); a bad value is one clear line."""
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--toy-dit: not JSON ({e.msg}): {text}") from None
+    fields = DiTConfig.__dataclass_fields__
+    if not isinstance(overrides, dict) or not all(k in fields for k in overrides):
+        bad = [k for k in overrides if k not in fields] if isinstance(overrides, dict) else overrides
+        raise ValueError(f"--toy-dit: expected a JSON object of DiTConfig fields ({', '.join(fields)}), got {bad}")
+    return overrides
+
+
 def evaluate_toy(folder, model: str = "base", clips: int = 16, seconds: int = 2, steps: int | None = None,
                  workdir=None, verbose: bool = False) -> dict:
     """The metrics of issue 14 on mp4s written by sample.py's toy pipeline: clip i uses prompt
@@ -683,14 +749,21 @@ def parse_args(argv=None):
                    "(video, audio, text, text_len, negative)")
     p.add_argument("--preset", default="tiny", help="DiT preset of model.py for --data (default tiny)")
     p.add_argument("--out", default="runs/toy", help="output folder: checkpoints and log.jsonl")
-    p.add_argument("--steps", type=int, default=3000, help="total optimiser steps")
-    p.add_argument("--seconds", type=float, default=2.0, help="toy clip length in seconds (default 2)")
+    p.add_argument("--steps", type=int, default=6000, help="total optimiser steps (default 6000)")
+    p.add_argument("--seconds", type=float, default=1.0, help="toy clip length in seconds (default 1)")
+    p.add_argument("--long-seconds", type=float, default=2.0, help="toy: length of the occasional long batch (default 2)")
+    p.add_argument("--long-fraction", type=float, default=0.2, help="toy: fraction of batches of --long-seconds "
+                   "clips (default 0.2)")
+    p.add_argument("--toy-dit", metavar="JSON", help="--toy: DiTConfig overrides of the toy DiT, e.g. "
+                   "'{\"mm_layers\": []}' (new runs only; a resumed run keeps its toy.json)")
     p.add_argument("--init-from", help="start from this checkpoint folder (any layout load_weights reads)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT layers (on 2 CPU cores: about "
+                   "1.3x faster steps after 1-2 minutes of compiling; needs a C++ compiler)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--sample-every", type=int, default=0, metavar="N", help="every N steps write OUT/samples/"
                    "step-N.mp4 of the first cached caption (live weights; needs --weights unless --preset tiny)")
