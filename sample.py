@@ -1100,7 +1100,8 @@ def build_parser():
     g.add_argument("--audio", help="speech/audio track to animate (A2V); its first --seconds are used, "
                                    "a shorter track sets the clip's length")
     g.add_argument("--seconds", type=int, default=None,
-                   help="clip length in whole seconds (default 4, as upstream; 2 with --toy, what it was trained on)")
+                   help="clip length in whole seconds (default 4, as upstream; 2 with --toy, the length its "
+                   "checkpoints are measured at)")
     g.add_argument("--size", default="448x256", help="base video size WxH in pixels, floored to multiples of 32 (default 448x256)")
     g.add_argument("--sr", choices=["none", "540p", "1080p"], default="none",
                    help="latent super-resolution with the 540p or 1080p SR model: the shorter side becomes "
