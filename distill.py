@@ -37,7 +37,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -1252,7 +1251,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--gan-data", help="real paired latents for --gan (safetensors: video, audio, text, text_len)")
     add_config_flags(p, DistillConfig)  # every DistillConfig field (defaults = the real-run values)
-    if "--toy" in (sys.argv[1:] if argv is None else argv):
+    if p.parse_known_args(argv)[0].toy:  # argparse itself finds --toy (abbreviations included)
         p.set_defaults(**TOY_DEFAULTS)  # the toy's recipe; any flag given still wins
     args = p.parse_args(argv)
     if args.iters < 1 or args.save_every < 1 or args.log_every < 1:
