@@ -3168,7 +3168,10 @@ def test_sample_toy_refuses_unknown_words(tmp_path):
 # value less about two clips' worth of onsets, still well above chance (~25%: a +-2 frame window
 # around contacts 12-25 frames apart). Sampling is deterministic on the CPU (CI reproduced the numbers
 # of the previous checkpoints exactly), so a change that breaks what was learned fails here.
-TOY_REACHED = {**toy.THRESHOLDS, "sync": 0.45}
+# What each committed checkpoint is held to: the base meets the issue's thresholds; the student (distilled
+# from the previous base, README "Train it yourself") meets them except sync, held to a floor of 45%
+# (measured 62%, chance about 25%).
+TOY_REACHED = {"base": toy.THRESHOLDS, "distill": {**toy.THRESHOLDS, "sync": 0.45}}
 
 
 @pytest.mark.slow
@@ -3177,9 +3180,9 @@ def test_toy_checkpoints_learned_the_world(tmp_path, which):
     """The committed toy checkpoints, sampled end to end by `sample.py --toy` (8 prompts x seeds 1
     and 2, 2 s) and measured on the written mp4s by toy.py's checker: colour and pitch right in >= 90%
     of the clips, beep count = contact count +- 1 in >= 75%, and beep onsets within +-2 frames of a
-    floor contact at TOY_REACHED's floor. The same checker fails the untrained network and clips whose
-    sound is another clip's (test_toy_checker_on_true_and_wrong_clips), so passing needs a model
-    that learned."""
+    floor contact in >= 75% (the base) or at the student's floor of TOY_REACHED. The same checker
+    fails the untrained network and clips whose sound is another clip's
+    (test_toy_checker_on_true_and_wrong_clips), so passing needs a model that learned."""
     results = []
     for i in range(16):
         prompt, seed = toy.ALL_PROMPTS[i % 8], i // 8 + 1
@@ -3190,7 +3193,7 @@ def test_toy_checkpoints_learned_the_world(tmp_path, which):
     s = toy.score(results)
     print(f"{which}: {toy.describe(s)}")
     assert s["onsets"] >= 16, toy.describe(s)  # at least one beep per clip on average: not a silent model
-    assert all(s[k] >= v for k, v in TOY_REACHED.items()), toy.describe(s)
+    assert all(s[k] >= v for k, v in TOY_REACHED[which].items()), toy.describe(s)
 
 
 # ---- issue 15: fine-tuning and LoRA ----
