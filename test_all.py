@@ -3162,15 +3162,11 @@ def test_sample_toy_refuses_unknown_words(tmp_path):
     assert r.stderr.count("\n") == 1 and "'purple'" in r.stderr and "Traceback" not in r.stderr
 
 
-# What the committed toy checkpoints must reach on these 16 clips (README "Train it yourself"): the
-# issue's thresholds (toy.THRESHOLDS) for colour, pitch and count; sync is not reached yet (base with
-# CFG: 61% of 46 onsets; distilled: 62% of 21; the issue asks 75%), so its floor is the measured
-# value less about two clips' worth of onsets, still well above chance (~25%: a +-2 frame window
-# around contacts 12-25 frames apart). Sampling is deterministic on the CPU (CI reproduced the numbers
-# of the previous checkpoints exactly), so a change that breaks what was learned fails here.
-# What each committed checkpoint is held to: the base meets the issue's thresholds; the student (distilled
-# from the previous base, README "Train it yourself") meets them except sync, held to a floor of 45%
-# (measured 62%, chance about 25%).
+# What each committed toy checkpoint must reach on these 16 clips (README "Train it yourself"): the base
+# meets the issue's thresholds (toy.THRESHOLDS; measured sync 83% of 52 onsets); the student (distilled
+# from the previous base) meets them except sync, whose floor is its measured 62% of 21 onsets less
+# about two clips' worth, still well above chance (~25%: a +-2 frame window around contacts 12-25
+# frames apart). Sampling is deterministic on the CPU, so a change that breaks what was learned fails.
 TOY_REACHED = {"base": toy.THRESHOLDS, "distill": {**toy.THRESHOLDS, "sync": 0.45}}
 
 
