@@ -1117,8 +1117,14 @@ def main(teacher=None, prompts=None, text_features=None, text_encoder=None, out=
         T, N = toy_lib.num_latents(seconds)
         shapes = ((dit_cfg.latent_channels, T, 16, 16), (N, dit_cfg.audio_in_channels))
         cfg.gan_layer = min(cfg.gan_layer, dit_cfg.num_layers - 1)
+        if gan_data is not None:
+            raise load_weights.InputError("--toy makes its own GAN data (clips of the world); drop --gan-data")
         if cfg.gan:
-            raise load_weights.InputError("--toy has no GAN data; drop --gan")
+            # The toy's real data is the world itself: TOY_GAN_CLIPS clips of fixed seeds, encoded
+            # by the codec, with their own prompts (the released model needs --gan-data instead).
+            seeds = range(TOY_GAN_FIRST_SEED, TOY_GAN_FIRST_SEED + TOY_GAN_CLIPS)
+            video, audio, texts = toy_lib.Codec(norm).encode_seeds(seeds, seconds)  # [M, 48, T, 16, 16], [M, N, 64]
+            real = RealData(video, audio, [words.encode(p) for p in texts])
         toy_info = (toy_lib, dit_cfg, norm)
     elif tiny_random:
         # Everything random and tiny: a CPU demo of the full loop (and the CLI test).
@@ -1225,8 +1231,11 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
 
 # `distill.py --toy` defaults (the run that made checkpoints/toy_distill, README "Train it yourself"):
 # a 6 M-parameter student moves far faster than a 15B one, so lr 100x the real run's and a short EMA.
+# --toy --gan: the real clips the discriminator sees, the world's clips of fixed seeds (a run repeats exactly).
+TOY_GAN_CLIPS, TOY_GAN_FIRST_SEED = 512, 1_000_000
 TOY_DEFAULTS = dict(iters=1000, save_every=100, lr_generator=2e-4, lr_critic=2e-4, ema_decay=0.95, ema_start=10,
-                    grad_checkpointing=False, autocast_cpu=True)
+                    grad_checkpointing=False, autocast_cpu=True,
+                    gan_layer=2)  # --gan: the middle of the toy's 4 layers, as 20 is of the released 40
 
 
 def parse_args(argv=None):

@@ -3135,6 +3135,29 @@ def test_distill_toy_runs_and_resumes_exactly(tmp_path):
     assert frames.shape == (26, 32, 32, 3) and wave.shape == (26 * 64,)
 
 
+def test_distill_toy_gan_uses_clips_of_the_world(tmp_path):
+    """--toy --gan: the discriminator's real data are clips of the world (fixed seeds, their own
+    prompts), and a GAN run trains and writes the head."""
+    train.main(out=tmp_path / "base", steps=1, toy=True, seconds=1.0, long_fraction=0.0, batch_size=1, warmup=1,
+               progress=False)
+    d = distill.main(out=tmp_path / "g", teacher=tmp_path / "base" / "ckpt-0000001", iters=2, toy=True, seconds=1.0,
+                     gan=True, critic_ratio=2, grad_checkpointing=False, save_every=2, log_every=1)
+    assert len(d.real_data.video) == distill.TOY_GAN_CLIPS and d.cfg.gan_layer == 3  # min(20, 4 layers - 1)
+    _, norm, words = toy.read_toy_json(tmp_path / "base" / "ckpt-0000001")
+    for i in (0, distill.TOY_GAN_CLIPS - 1):  # decoded, a real clip is the world's clip of its seed
+        p, frames, wave = toy.make_clip(distill.TOY_GAN_FIRST_SEED + i, 1.0)
+        (video, audio), text = d.real_data.batch([i])
+        f, w = toy.Codec(norm).decode(video, audio)
+        assert np.array_equal(f[0], frames) and np.allclose(w[0], wave, atol=1e-5)
+        assert torch.equal(text.features[0], words.encode(p.prompt))
+    logs = [json.loads(x) for x in (tmp_path / "g" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(x["gan_d"]) for x in logs) and math.isfinite(logs[0]["gan_g"])
+    assert (tmp_path / "g" / "ckpt-0000002" / distill.HEAD_FILE).is_file()
+    with pytest.raises(load_weights.InputError, match="makes its own GAN data"):
+        distill.main(out=tmp_path / "h", teacher=tmp_path / "base" / "ckpt-0000001", toy=True, gan=True,
+                     gan_data=tmp_path / "x.safetensors")
+
+
 def test_train_on_a_latent_file_and_init_from(tmp_path):
     """The data interface beyond the toy: pre-encoded latents in a file train a preset DiT, and
     --init-from starts a new run from that checkpoint (the loaded weights are the saved EMA)."""

@@ -204,6 +204,12 @@ class Codec:
         audio = (encode_audio(torch.from_numpy(np.ascontiguousarray(audio)).float()) - n.audio_mean) / n.audio_std
         return video, audio
 
+    def encode_seeds(self, seeds, seconds: float) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The clips of `seeds` -> (video [B, 48, T, 16, 16], audio [B, N, 64], their prompts)."""
+        clips = [make_clip(s, seconds) for s in seeds]
+        video, audio = self.encode(np.stack([f for _, f, _ in clips]), np.stack([a for _, _, a in clips]))
+        return video, audio, [p.prompt for p, _, _ in clips]
+
     def decode(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """-> (frames uint8 [B, F, 32, 32, 3] rounded and clamped, audio float32 [B, S] at 1600 Hz)."""
         n = self.norm

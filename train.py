@@ -183,12 +183,8 @@ class ToyData:
         if self.long_fraction > 0 and torch.rand((), generator=generator).item() < self.long_fraction:
             seconds = self.long_seconds
         seeds = torch.randint(2**31 - 1, (B,), generator=generator).tolist()
-        clips = [toy.make_clip(s, seconds) for s in seeds]
-        frames = torch.stack([torch.from_numpy(f) for _, f, _ in clips]).numpy()
-        audio = torch.stack([torch.from_numpy(a) for _, _, a in clips]).numpy()
-        video, audio = self.codec.encode(frames, audio)  # [B, 48, T, 16, 16], [B, N, 64]
-        text = distill.pad_text([self.words.encode(p.prompt) for p, _, _ in clips])
-        return video, audio, text
+        video, audio, prompts = self.codec.encode_seeds(seeds, seconds)  # [B, 48, T, 16, 16], [B, N, 64]
+        return video, audio, distill.pad_text([self.words.encode(p) for p in prompts])
 
 
 class LatentFile:
