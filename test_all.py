@@ -30,6 +30,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -3133,6 +3134,19 @@ def test_distill_toy_runs_and_resumes_exactly(tmp_path):
         _files_equal(a / name, b / name)
     frames, wave = sample.toy_generate(a / "student_ema", toy.ALL_PROMPTS[0], 1, seed=1, progress=False)
     assert frames.shape == (26, 32, 32, 3) and wave.shape == (26 * 64,)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_autocast_only_where_the_cpu_multiplies_bf16(monkeypatch, native):
+    """train.py's --bf16 and distill.py's --autocast-cpu turn into float32 on a CPU without native
+    bf16 GEMMs (emulated bf16 made a toy step 24x slower on an AVX2 machine); on CUDA they stay on."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    assert distill.cpu_bf16_is_fast() is native
+    for amp in ((lambda d: train.Trainer.amp(SimpleNamespace(cfg=train.TrainConfig(), device=d))),
+                (lambda d: distill.Distiller.amp(SimpleNamespace(cfg=distill.DistillConfig(autocast_cpu=True), device=d)))):
+        assert isinstance(amp(torch.device("cpu")), torch.autocast) is native
+        assert isinstance(amp(torch.device("cuda")), torch.autocast)  # a context object only: nothing runs on CUDA
 
 
 def test_distill_toy_gan_uses_clips_of_the_world(tmp_path):
