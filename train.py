@@ -753,7 +753,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="tiny", help="DiT preset of model.py for --data (default tiny)")
     p.add_argument("--out", default="runs/toy", help="output folder: checkpoints and log.jsonl")
     p.add_argument("--steps", type=int, default=4600, help="total optimiser steps (default 4600)")
-    p.add_argument("--seconds", type=float, default=1.0, help="toy clip length in seconds (default 1)")
+    p.add_argument("--seconds", type=float, default=None, help="toy clip length in seconds (default 1 for training; "
+                   "2 for --evaluate, the length the metrics are defined at)")
     p.add_argument("--long-seconds", type=float, default=2.0, help="toy: length of the occasional long batch (default 2)")
     p.add_argument("--long-fraction", type=float, default=0.2, help="toy: fraction of batches of --long-seconds "
                    "clips (default 0.2)")
@@ -818,6 +819,8 @@ def cli(argv=None) -> int:
     args = parse_args(argv)
     evaluate, model, clips = args.evaluate, args.model, args.clips
     del args.evaluate, args.model, args.clips
+    if args.seconds is None:  # training on 1 s clips, measuring on 2 s ones (as the test and README do)
+        args.seconds = 2.0 if evaluate else 1.0
 
     def run():
         if not evaluate:
