@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -335,7 +334,7 @@ class FeatureTap:
     """Captures the output of one module during a forward (a forward hook: model.py stays as is).
 
     `pool(out, args)` turns the module output into a list of token groups [B, n, D]; for the DiT
-    (`dit_frame_groups`) these are the video and the audio features of a layer's output per latent frame.
+    (`dit_token_groups`) these are the video tokens and the audio tokens of a layer's output.
     """
 
     def __init__(self, module: nn.Module, pool: Callable):
@@ -355,34 +354,22 @@ class FeatureTap:
             self.on = False
 
 
-def dit_frame_groups(out: torch.Tensor, args, frames: int) -> list:
-    """A TransformerLayer output [B, L, D] -> [video [B, T, D], audio [B, T, D]], one row per latent frame.
+def dit_token_groups(out: torch.Tensor, args) -> list:
+    """A TransformerLayer output [B, L, D] -> [video tokens [B, Nv, D], audio tokens [B, Na, D]].
 
     The layer is called as layer(x, rope, sizes, ...), sizes = rows of (video, audio, text), so
-    args[2] says where each modality is. Video tokens come frame by frame (T blocks of h·w tokens):
-    each block is averaged. Audio token n is video frame n (both 25 per second), which sits in latent
-    frame ceil(n / 4) (frame 0 alone, then 4 frames per latent frame, as the VAE packs them): the
-    audio tokens of a latent frame are averaged. Text tokens are left out: the head judges the
-    generated content, not the prompt.
+    args[2] says where each modality is. Text tokens are left out: the head judges the generated
+    content, not the prompt.
     """
-    Nv, Na = int(args[2][0]), int(args[2][1])
-    B, D = out.shape[0], out.shape[-1]
-    video = out[:, :Nv].reshape(B, frames, Nv // frames, D).mean(dim=2)  # [B, T, D]
-    latent_frame = ((torch.arange(Na, device=out.device) + 3) // 4).clamp(max=frames - 1)  # [Na]
-    audio = out.new_zeros(B, frames, D).index_add(1, latent_frame, out[:, Nv : Nv + Na])  # sums [B, T, D]
-    count = torch.bincount(latent_frame, minlength=frames).clamp(min=1).to(out.dtype)  # [T]
-    return [video, audio / count[:, None]]
+    Nv, Na = args[2][0], args[2][1]
+    return [out[:, :Nv], out[:, Nv : Nv + Na]]
 
 
 class GanHead(nn.Module):
     """One realism logit per sample from critic features [E].
 
-    The features come as time-aligned groups (`dit_frame_groups`: video and audio per latent frame).
-    A per-group MLP, then an MLP on each frame's video and audio features together, then the mean
-    of the per-frame logits: the head judges every moment's picture and sound jointly, so it can
-    tell a beep away from the ball's floor contact (audio-video sync) as well as a silent or blurry
-    sample (a head that pooled each modality over the whole clip first could not see sync; on the
-    toy world its students stayed at 63-71% synced beeps, README "Train it yourself").
+    A per-token MLP, a mean over each token group (video, audio), and an MLP on the concatenated
+    pools, so the head sees both modalities together and can judge audio-video agreement.
     """
 
     def __init__(self, in_dim: int, num_groups: int = 2, hidden: int = 256):
@@ -391,8 +378,8 @@ class GanHead(nn.Module):
         self.out = nn.Sequential(nn.Linear(num_groups * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
     def forward(self, groups: list) -> torch.Tensor:
-        per_frame = torch.cat([self.token_mlp(g.float()) for g in groups], dim=-1)  # [B, T, groups * hidden]
-        return self.out(per_frame).squeeze(-1).mean(dim=1)  # per-frame logits [B, T] -> [B]
+        pooled = [self.token_mlp(g.float()).mean(dim=1) for g in groups]  # each [B, hidden]
+        return self.out(torch.cat(pooled, dim=-1)).squeeze(-1)  # [B]
 
 
 class EMA:
@@ -1099,8 +1086,7 @@ def build(teacher, prompts: PromptBank, cfg: DistillConfig, dit_cfg: DiTConfig, 
     tap = head = None
     if cfg.gan:
         backbone = teacher_net if lora_mode else critic  # the head reads the critic's own features
-        pool = functools.partial(dit_frame_groups, frames=shapes[0][1])  # shapes[0] = video (C, T, h, w)
-        tap = FeatureTap(backbone.block.layers[cfg.gan_layer], pool)
+        tap = FeatureTap(backbone.block.layers[cfg.gan_layer], dit_token_groups)
         torch.manual_seed(cfg.seed)  # the head's init is part of the run's seed
         head = GanHead(dit_cfg.hidden_size, 2, cfg.gan_hidden)
         if ckpt:

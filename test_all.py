@@ -3149,24 +3149,6 @@ def test_cpu_bf16_autocast_only_where_the_cpu_multiplies_bf16(monkeypatch, nativ
         assert isinstance(amp(torch.device("cuda")), torch.autocast)  # a context object only: nothing runs on CUDA
 
 
-def test_gan_head_sees_video_and_audio_frame_by_frame():
-    """dit_frame_groups: video tokens averaged per latent frame, audio token n averaged into latent
-    frame ceil(n/4) (the last frames clamped), checked against a loop; and the head's logit changes
-    when the sound is moved in time against the picture (a clip-pooled head could not tell)."""
-    B, T, hw, Na, D = 2, 3, 4, 10, 5
-    out = torch.randn(B, T * hw + Na + 2, D, generator=torch.Generator().manual_seed(0))
-    video, audio = distill.dit_frame_groups(out, (None, None, [T * hw, Na, 2]), frames=T)
-    frame_of = [min(T - 1, -(-n // 4)) for n in range(Na)]  # 0, 1, 1, 1, 1, 2, 2, 2, 2, 2
-    for t in range(T):
-        assert torch.allclose(video[:, t], out[:, t * hw : (t + 1) * hw].mean(1), atol=1e-6)
-        rows = [T * hw + n for n in range(Na) if frame_of[n] == t]
-        assert torch.allclose(audio[:, t], out[:, rows].mean(1), atol=1e-6)
-    torch.manual_seed(0)
-    head = distill.GanHead(D, 2, 8)
-    shifted = audio.roll(1, dims=1)  # the same sounds, one latent frame later
-    assert not torch.allclose(head([video, audio]), head([video, shifted]))
-
-
 def test_distill_toy_gan_uses_clips_of_the_world(tmp_path):
     """--toy --gan: the discriminator's real data are clips of the world (fixed seeds, their own
     prompts), and a GAN run trains and writes the head."""
