@@ -1243,11 +1243,13 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls) -> None:
 
 # `distill.py --toy` defaults (the run that made checkpoints/toy_distill, README "Train it yourself"):
 # a 6 M-parameter student moves far faster than a 15B one, so lr 100x the real run's and a short EMA.
-# --toy --gan: the real clips the discriminator sees, the world's clips of fixed seeds (a run repeats exactly).
+# DMD alone makes a silent toy student, so the GAN is on, its real clips the world's own (fixed seeds:
+# a run repeats exactly), read at the middle of the 4 layers (as 20 is of the released 40), and
+# weighted 3: unweighted, its gradient on the student's samples is of the DMD term's size, so
+# DMD2's SDXL weight 5e-3 would make it ~1% of the update (measured, README).
 TOY_GAN_CLIPS, TOY_GAN_FIRST_SEED = 512, 1_000_000
-TOY_DEFAULTS = dict(iters=1000, save_every=100, lr_generator=2e-4, lr_critic=2e-4, ema_decay=0.95, ema_start=10,
-                    grad_checkpointing=False, autocast_cpu=True,
-                    gan_layer=2)  # --gan: the middle of the toy's 4 layers, as 20 is of the released 40
+TOY_DEFAULTS = dict(iters=500, save_every=100, lr_generator=2e-4, lr_critic=2e-4, ema_decay=0.95, ema_start=10,
+                    grad_checkpointing=False, autocast_cpu=True, gan=True, gan_layer=2, gan_gen_weight=3.0)
 
 
 def parse_args(argv=None):

@@ -3123,7 +3123,7 @@ def test_distill_toy_runs_and_resumes_exactly(tmp_path):
     teacher = tmp_path / "base" / "ckpt-0000001"
     dk = dict(toy=True, teacher=teacher, seconds=1.0, critic_ratio=2, grad_checkpointing=False,
               lr_generator=1e-4, lr_critic=1e-4, ema_start=0, save_every=1, log_every=1,
-              autocast_cpu=True)  # as the committed student was made: bf16 autocast on the CPU
+              autocast_cpu=True)  # TOY_DEFAULTS' switch: bf16 where the CPU has native bf16, else float32
     distill.main(out=tmp_path / "a", iters=3, **dk)
     distill.main(out=tmp_path / "b", iters=2, **dk)
     distill.main(out=tmp_path / "b", iters=3, resume=True, **dk)
@@ -3200,11 +3200,12 @@ def test_sample_toy_refuses_unknown_words(tmp_path):
 
 
 # What each committed toy checkpoint must reach on these 16 clips (README "Train it yourself"): the base
-# meets the issue's thresholds (toy.THRESHOLDS; measured sync 83% of 52 onsets); the student (distilled
-# from the previous base) meets them except sync, whose floor is its measured 62% of 21 onsets less
-# about two clips' worth, still well above chance (~25%: a +-2 frame window around contacts 12-25
-# frames apart). Sampling is deterministic on the CPU, so a change that breaks what was learned fails.
-TOY_REACHED = {"base": toy.THRESHOLDS, "distill": {**toy.THRESHOLDS, "sync": 0.45}}
+# meets the issue's thresholds (toy.THRESHOLDS; measured sync 83% of 52 onsets); the student (DMD-2 +
+# GAN from that base) meets them except sync, whose floor is its measured 71% of 48 onsets less about
+# five onsets, still far above chance (~25%: a +-2 frame window around contacts 12-25 frames apart).
+# Sampling is deterministic on a given CPU (the same numbers came out on an AVX-512 and an AVX2
+# machine), so a change that breaks what was learned fails.
+TOY_REACHED = {"base": toy.THRESHOLDS, "distill": {**toy.THRESHOLDS, "sync": 0.6}}
 
 
 @pytest.mark.slow
