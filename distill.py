@@ -247,6 +247,13 @@ def cpu_bf16_is_fast() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def bf16_autocast(device: torch.device, on: bool):
+    """bf16 autocast on `device` when `on`, except on a CPU without native bf16 (float32 there);
+    the one place train.py's and distill.py's `amp()` decide it."""
+    on = on and (device.type != "cpu" or cpu_bf16_is_fast())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
 # ==================================================================================================
 # Networks around the DiT: text batches, the velocity call, LoRA critic, GAN head, EMA
 # ==================================================================================================
@@ -503,8 +510,7 @@ class Distiller:
     def amp(self):
         """bf16 autocast around fp32 student/critic calls on CUDA, as DMD2 trains (on CPU only with
         autocast_cpu, and only where the CPU multiplies bf16 natively)."""
-        on = self.cfg.autocast and (self.device.type == "cuda" or (self.cfg.autocast_cpu and cpu_bf16_is_fast()))
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+        return bf16_autocast(self.device, self.cfg.autocast and (self.device.type == "cuda" or self.cfg.autocast_cpu))
 
     def guidance_scales(self, sigma: torch.Tensor) -> tuple:
         """Per-sample CFG scales (video, audio) [B] at σ, as the base sampler applies them."""

@@ -3213,9 +3213,8 @@ def test_toy_checkpoints_learned_the_world(tmp_path, which):
     """The committed toy checkpoints, sampled end to end by `sample.py --toy` (8 prompts x seeds 1
     and 2, 2 s) and measured on the written mp4s by toy.py's checker: colour and pitch right in >= 90%
     of the clips, beep count = contact count +- 1 in >= 75%, and beep onsets within +-2 frames of a
-    floor contact in >= 75%. The same checker
-    fails the untrained network and clips whose sound is another clip's
-    (test_toy_checker_on_true_and_wrong_clips), so passing needs a model that learned."""
+    floor contact in >= 75%. The same checker fails the untrained network and clips whose sound is
+    another clip's (test_toy_checker_on_true_and_wrong_clips), so passing needs a model that learned."""
     results = []
     for i in range(16):
         prompt, seed = toy.ALL_PROMPTS[i % 8], i // 8 + 1

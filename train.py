@@ -41,7 +41,6 @@ optimiser moments, EMA and RNG, `state.json` the counters, `toy.json` the toy's 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -234,8 +233,7 @@ class Trainer:
 
     def amp(self):
         # On a CPU without native bf16 GEMMs, autocast would make every step ~25x slower: float32 there.
-        on = self.cfg.bf16 and (self.device.type != "cpu" or distill.cpu_bf16_is_fast())
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+        return distill.bf16_autocast(self.device, self.cfg.bf16)
 
     def train_step(self) -> dict:
         cfg, B, g = self.cfg, self.cfg.batch_size, self.gen
